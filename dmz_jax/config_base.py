@@ -1,0 +1,82 @@
+"""Defaults shared by every config in `configs/`; each config file overrides what it needs.
+
+Every key a config may set exists here, so an override of an unknown key fails loudly.
+Units: resolutions in pixels, learning rates per step, intervals in training steps.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = d = ml_collections.ConfigDict()
+    d.name = "fashion_mnist"
+    d.data_dir = ml_collections.config_dict.placeholder(str)  # None: tfds's default folder
+    d.image_size = 32
+    d.channels = 1
+    d.random_flip = False
+    d.crop = "diffae"  # celeb_a only
+    d.source = "auto"  # fashion_mnist only: auto | tfds | debian | bundled
+    d.debian_dir = "/usr/share/datasets/fashion-mnist"
+    d.shuffle_buffer = 10_000
+
+    c.model = m = ml_collections.ConfigDict()
+    m.latent_type = "binary"  # binary | gaussian | none
+    m.latent_dim = 16  # |z|
+    m.conditioning = "cross_attention"  # cross_attention | time_embedding | none
+    m.token_dim = 128
+    m.token_mlp = False
+    m.model_channels = 128
+    m.channel_mult = (1, 2, 2, 2)
+    m.num_res_blocks = 3
+    m.attention_resolutions = (16, 8)
+    m.cross_attention_resolutions = ml_collections.config_dict.placeholder(tuple)  # None: same
+    m.num_heads = 4
+    m.dropout = 0.3
+    m.learn_sigma = True
+    m.use_scale_shift_norm = True
+    m.num_groups = 32
+    m.encoder = e = ml_collections.ConfigDict()
+    e.model_channels = 64
+    e.channel_mult = (1, 2, 2, 2)
+    e.num_res_blocks = 2
+    e.attention_resolutions = ()
+    e.dropout = 0.0
+
+    c.diffusion = f = ml_collections.ConfigDict()
+    f.schedule = "cosine"  # cosine | linear
+    f.num_timesteps = 1000
+    f.rescale_timesteps = False
+    f.vlb_weight = 0.001
+
+    c.training = t = ml_collections.ConfigDict()
+    t.batch_size = 128  # global, over all devices and hosts
+    t.num_steps = 500_000
+    t.learning_rate = 1e-4
+    t.weight_decay = 0.0
+    t.warmup_steps = 0
+    t.grad_clip = 1.0
+    t.ema_decay = 0.9999
+    t.log_every = 100
+    t.checkpoint_every = 5_000
+    t.sample_every = 20_000
+    t.keep_checkpoints = 3
+
+    c.sampling = s = ml_collections.ConfigDict()
+    s.num_samples = 64
+    s.steps = (10, 100)  # respaced step counts for the sample grids
+    s.method = "ancestral"  # ancestral | ddim
+    s.eta = 0.0
+    s.clip_denoised = True
+
+    c.eval = v = ml_collections.ConfigDict()
+    v.probe_train_examples = 10_000
+    v.probe_test_examples = 10_000
+    v.encode_batch_size = 500
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by other axes
+    c.mesh.fsdp = 1
+    return c

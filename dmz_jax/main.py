@@ -1,0 +1,43 @@
+"""Command line: python -m dmz_jax.main --config=configs/X.py --workdir=DIR [--mode=...].
+
+Modes: train (default) trains, resuming from WORKDIR, then samples and probes;
+describe prints the parameter tables without touching data.
+Overrides: --config.training.num_steps=100 and so on (ml_collections).
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs, samples and summary.json go.")
+flags.DEFINE_enum("mode", "train", ["train", "describe"], "What to do.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    if FLAGS.mode == "describe":
+        from dmz_jax import describe
+        print(describe.describe(config))
+        return 0
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required for --mode=train.")
+    from dmz_jax import train  # imports jax and tensorflow: keep describe fast
+    from dmz_jax import input_pipeline
+    try:
+        train.train_and_evaluate(config, FLAGS.workdir)
+    except input_pipeline.DatasetNotFoundError as e:
+        logging.error("%s", e)
+        print(f"\nERROR: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
