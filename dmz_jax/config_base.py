@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.source = "auto"  # fashion_mnist only: auto | tfds | debian | bundled
     d.debian_dir = "/usr/share/datasets/fashion-mnist"
     d.shuffle_buffer = 10_000
+    d.download = False  # let tfds download cifar10 / fashion_mnist(source=tfds) itself
 
     c.model = m = ml_collections.ConfigDict()
     m.latent_type = "binary"  # binary | gaussian | none

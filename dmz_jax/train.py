@@ -1,0 +1,332 @@
+"""Training and evaluation of DMZ: one jitted step on a device mesh, EMA, checkpoints, logs.
+
+Import from tests and notebooks:
+    from dmz_jax import train
+    summary = train.train_and_evaluate(config, workdir)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dmz_jax import checkpointing, diffusion, images, input_pipeline, probe, samplers, sharding
+from dmz_jax.model import DMZ, create_model, init_params
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run depends on, as one pytree of arrays.
+
+    step: int32 scalar, optimizer steps taken.  rng: uint32 [2], the run's base key; the key
+    of step s is fold_in(rng, s), so a resumed run draws the same randomness.
+    """
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Gradient clipping by global norm, then AdamW with optional linear warmup."""
+    lr = tc.learning_rate
+    if tc.warmup_steps:
+        lr = optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps)
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                       optax.adamw(lr, weight_decay=tc.weight_decay))
+
+
+def make_diffusion(config: ml_collections.ConfigDict) -> diffusion.Diffusion:
+    dc = config.diffusion
+    return diffusion.make_diffusion(dc.schedule, dc.num_timesteps,
+                                    rescale_timesteps=dc.rescale_timesteps)
+
+
+def image_shape(config) -> tuple[int, int, int]:
+    return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def create_train_state(config, model: DMZ, tx: optax.GradientTransformation) -> TrainState:
+    """Initialises parameters, EMA (a copy) and optimizer state from config.seed."""
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, run_rng = jax.random.split(rng)
+    params = init_params(model, init_rng, image_shape(config))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=jax.tree.map(jnp.copy, params),
+                      opt_state=tx.init(params), rng=run_rng)
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """EMA decay with warm-up: min(decay, (1 + step) / (10 + step))."""
+    step = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def train_step(state: TrainState, batch: dict, *, model: DMZ, diff: diffusion.Diffusion,
+               tx: optax.GradientTransformation, config) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch {"image": [B, H, W, C]} -> (state, metrics)."""
+    x0 = batch["image"]
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    t_rng, noise_rng, dropout_rng, latent_rng = jax.random.split(step_rng, 4)
+    t = jax.random.randint(t_rng, (x0.shape[0],), 0, diff.num_timesteps)
+    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+
+    def loss_fn(params):
+        variables = {"params": params}
+        z = None
+        if model.uses_latent:
+            z = model.apply(variables, x0, "train", True, method=DMZ.encode,
+                            rngs={"latent": latent_rng, "dropout": dropout_rng})
+
+        def model_fn(x_t, model_t):
+            return model.apply(variables, x_t, model_t, z, True, method=DMZ.denoise,
+                               rngs={"dropout": dropout_rng})
+
+        terms = diffusion.training_losses(diff, model_fn, x0, t, noise,
+                                          learn_sigma=config.model.learn_sigma,
+                                          vlb_weight=config.diffusion.vlb_weight)
+        aux = {k: jnp.mean(v) for k, v in terms.items()}
+        if z is not None:
+            aux["z_mean"] = jnp.mean(z)
+        return aux["loss"], aux
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    if "encoder" in grads:
+        metrics["encoder_grad_norm"] = optax.global_norm(grads["encoder"])
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, config.training.ema_decay)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                              state.ema_params, params)
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+
+def compile_train_step(config, model, diff, tx, mesh, state_sharding) -> Callable:
+    """The jitted train step: state replicated (donated), batch split on the data axes."""
+    step = functools.partial(train_step, model=model, diff=diff, tx=tx, config=config)
+    return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)),
+                   donate_argnums=0)
+
+
+def make_sample_fn(config, model: DMZ, diff: diffusion.Diffusion, num_steps: int) -> Callable:
+    """jit(params, rng) -> [num_samples, H, W, C] images in [-1, 1], z ~ the latent prior."""
+    from dmz_jax.networks import latent as latent_lib
+
+    n = config.sampling.num_samples
+    shape = (n, *image_shape(config))
+
+    def sample(params, rng):
+        z_rng, x_rng = jax.random.split(rng)
+        z = None
+        if model.uses_latent:
+            z = latent_lib.get_latent_type(model.latent_type).prior(z_rng, n, model.latent_dim)
+
+        def model_fn(x_t, model_t):
+            return model.apply({"params": params}, x_t, model_t, z, False, method=DMZ.denoise)
+
+        return samplers.sample(diff, model_fn, shape, x_rng, method=config.sampling.method,
+                               num_steps=num_steps, learn_sigma=config.model.learn_sigma,
+                               eta=config.sampling.eta,
+                               clip_denoised=config.sampling.clip_denoised)
+
+    return jax.jit(sample)
+
+
+def make_encode_fn(model: DMZ, mesh) -> Callable:
+    """jit(params, images [B, H, W, C]) -> deterministic codes [B, latent_dim]."""
+
+    def encode(params, x):
+        return model.apply({"params": params}, x, "encode", False, method=DMZ.encode)
+
+    return jax.jit(encode, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def encode_dataset(encode_fn, params, x: np.ndarray, batch_size: int, mesh) -> np.ndarray:
+    """Encodes [N, H, W, C] in fixed-size batches (the last one padded) -> [N, latent_dim]."""
+    codes = []
+    for start in range(0, len(x), batch_size):
+        chunk = x[start:start + batch_size]
+        padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:],
+                                                 chunk.dtype)]) if len(chunk) < batch_size else chunk
+        out = encode_fn(params, jax.device_put(padded, sharding.batch_sharding(mesh)))
+        codes.append(np.asarray(out)[:len(chunk)])
+    return np.concatenate(codes)
+
+
+def evaluate_probe(config, model, params, mesh) -> dict:
+    """Linear-probe accuracy of the deterministic codes of `params` (train -> test split)."""
+    encode_fn = make_encode_fn(model, mesh)
+    batch = config.eval.encode_batch_size
+    train = input_pipeline.load_split(config.data, "train", config.eval.probe_train_examples)
+    test = input_pipeline.load_split(config.data, "test", config.eval.probe_test_examples)
+    train_codes = encode_dataset(encode_fn, params, train["image"], batch, mesh)
+    test_codes = encode_dataset(encode_fn, params, test["image"], batch, mesh)
+    accuracy = probe.linear_probe_accuracy(train_codes, train["label"], test_codes,
+                                           test["label"])
+    return {"probe_accuracy": accuracy,
+            "bit_means": train_codes.mean(0).round(4).tolist(),
+            "distinct_codes_train": int(len(np.unique(train_codes, axis=0)))}
+
+
+def write_sample_grids(run: "Run", params, step: int) -> list[str]:
+    """Samples with each of config.sampling.steps; writes PNGs and TensorBoard images."""
+    config, paths = run.config, []
+    os.makedirs(os.path.join(run.workdir, "samples"), exist_ok=True)
+    for k in config.sampling.steps:
+        sample_fn = make_sample_fn(config, run.model, run.diff, int(k))
+        x = np.asarray(sample_fn(params, jax.random.PRNGKey(config.seed + 1)))
+        grid = images.make_grid(images.to_uint8(x))
+        path = os.path.join(run.workdir, "samples", f"step{step:08d}_K{int(k)}.png")
+        if jax.process_index() == 0:
+            images.save_png(path, grid)
+        run.writer.write_images(step, {f"samples/K{int(k)}": grid[None]})
+        paths.append(path)
+        logging.info("Wrote %s", path)
+    return paths
+
+
+def _mean_metrics(history: list[dict]) -> dict:
+    history = jax.device_get(history)
+    return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+
+
+class Run:
+    """What a training run sets up once: model, diffusion, optimizer, mesh, writer, manager."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh=None):
+        from clu import metric_writers
+
+        self.config, self.workdir = config, workdir
+        self.info = input_pipeline.dataset_info(config.data)  # fails fast when data is absent
+        logging.info("Dataset: %s", self.info)
+        self.mesh = mesh or sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+        batch = config.training.batch_size
+        self.local_batch = sharding.per_process_batch_size(batch)
+        if batch % self.mesh.size:
+            raise ValueError(f"training.batch_size={batch} is not divisible by the "
+                             f"{self.mesh.size} devices of the mesh.")
+        self.model = create_model(config)
+        self.diff = make_diffusion(config)
+        self.tx = make_optimizer(config.training)
+        os.makedirs(workdir, exist_ok=True)
+        self.writer = metric_writers.create_default_writer(
+            workdir, just_logging=jax.process_index() > 0)
+        self.manager = checkpointing.create_manager(workdir, config.training.keep_checkpoints)
+        self.state_sharding = sharding.replicated(self.mesh)
+
+    def initial_state(self) -> TrainState:
+        """The newest checkpoint in the workdir, or a fresh state from config.seed."""
+        init = jax.jit(functools.partial(create_train_state, self.config, self.model, self.tx),
+                       out_shardings=self.state_sharding)
+        state = checkpointing.restore_latest(self.manager, jax.eval_shape(init))
+        return init() if state is None else state
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+        self.writer.flush()
+
+
+def train(run: Run, state: TrainState) -> tuple[TrainState, Optional[float]]:
+    """Trains from state.step to config.training.num_steps; returns (state, last mean loss)."""
+    from clu import periodic_actions
+
+    config, tc, mesh = run.config, run.config.training, run.mesh
+    start_step = int(state.step)
+    if start_step:
+        logging.info("Resuming training at step %d of %d", start_step, tc.num_steps)
+    else:
+        run.writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+    if start_step >= tc.num_steps:
+        return state, None
+    step_fn = compile_train_step(config, run.model, run.diff, run.tx, mesh, run.state_sharding)
+    data = input_pipeline.train_iterator(config.data, batch_size=run.local_batch,
+                                         seed=config.seed + start_step)
+    report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=run.writer)
+    history, last_loss, t_start = [], None, time.time()
+    for step in range(start_step + 1, tc.num_steps + 1):
+        state, metrics = step_fn(state, sharding.global_batch(next(data), mesh))
+        history.append(metrics)
+        report(step)
+        if step % tc.log_every == 0 or step == tc.num_steps:
+            means = _mean_metrics(history)
+            last_loss, history = means["loss"], []
+            rate = (step - start_step) / (time.time() - t_start)
+            means["eta_seconds"] = (tc.num_steps - step) / rate
+            run.writer.write_scalars(step, means)
+        if step % tc.checkpoint_every == 0 or step == tc.num_steps:
+            checkpointing.save(run.manager, step, state, config)
+        if step % tc.sample_every == 0 and step != tc.num_steps:
+            write_sample_grids(run, state.ema_params, step)
+    run.manager.wait_until_finished()
+    return state, last_loss
+
+
+def evaluate(run: Run, state: TrainState) -> dict:
+    """Sample grids and the linear probe, from the EMA parameters."""
+    step = int(state.step)
+    summary = {"step": step}
+    summary["samples"] = write_sample_grids(run, state.ema_params, step)
+    if run.model.uses_latent:
+        summary.update(evaluate_probe(run.config, run.model, state.ema_params, run.mesh))
+    else:
+        summary["probe_accuracy"] = None
+    if summary["probe_accuracy"] is not None:
+        run.writer.write_scalars(step, {"probe_accuracy": summary["probe_accuracy"]})
+    return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains to config.training.num_steps (resuming from workdir), then evaluates.
+
+    Writes WORKDIR/checkpoints, TensorBoard events, samples/*.png and summary.json; returns
+    the summary dict. A finished run (summary.json at num_steps) is not redone.
+    """
+    summary_path = os.path.join(workdir, "summary.json")
+    run = Run(config, workdir)
+    state = run.initial_state()
+    if int(state.step) >= config.training.num_steps and os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        if summary.get("step") == int(state.step):
+            logging.info("Run already finished at step %d; see %s", summary["step"], summary_path)
+            run.close()
+            return summary
+    state, last_loss = train(run, state)
+    summary = {"step": int(state.step), "train_loss": last_loss}
+    summary.update(evaluate(run, state))
+    run.close()
+    if jax.process_index() == 0:
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=2)
+    logging.info("Summary: step=%d train_loss=%s probe_accuracy=%s", summary["step"],
+                 summary["train_loss"], summary.get("probe_accuracy"))
+    return summary
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
