@@ -2,7 +2,8 @@
 
 Data comes from (in this order) a prepared tfds `fashion_mnist`, Debian's
 `dataset-fashion-mnist` files, or the 10k-image subset shipped inside the package.
-|z| = 32 bits, a small U-Net (32 channels, (1, 2, 2), attention at 8).
+|z| = 32 bits; a small U-Net (16 channels, (1, 2, 2), attention at 8, 8 GroupNorm groups)
+and encoder (16 channels): about 0.35 s per batch of 32 on 2 CPU cores.
 """
 
 from dmz_jax.config_base import base_config
@@ -15,17 +16,18 @@ def get_config():
     c.data.channels = 1
     c.model.latent_dim = 32
     c.model.token_dim = 64
-    c.model.model_channels = 32
+    c.model.model_channels = 16
+    c.model.num_groups = 8
     c.model.channel_mult = (1, 2, 2)
     c.model.num_res_blocks = 1
     c.model.attention_resolutions = (8,)
     c.model.num_heads = 2
     c.model.dropout = 0.0
-    c.model.encoder.model_channels = 32
+    c.model.encoder.model_channels = 16
     c.model.encoder.channel_mult = (1, 2, 2)
     c.model.encoder.num_res_blocks = 1
-    c.training.batch_size = 64
-    c.training.num_steps = 2_000
+    c.training.batch_size = 32
+    c.training.num_steps = 1_500
     c.training.learning_rate = 2e-4
     c.training.ema_decay = 0.999
     c.training.log_every = 50

@@ -22,6 +22,13 @@ def base_config() -> ml_collections.ConfigDict:
     d.debian_dir = "/usr/share/datasets/fashion-mnist"
     d.shuffle_buffer = 10_000
     d.download = False  # let tfds download cifar10 / fashion_mnist(source=tfds) itself
+    # image_folder only (see dmz_jax/image_folder.py):
+    d.image_dir = ml_collections.config_dict.placeholder(str)  # folder, searched recursively
+    d.test_fraction = 0.1  # share of the files in the "test" split (seeded permutation)
+    d.split_seed = 0  # seed of that train/test permutation
+    d.bad_images = "skip"  # corrupt/undecodable file: skip | error
+    d.convert_channels = True  # gray<->RGB, alpha on black; False: wrong channels = bad image
+    d.wrong_size = "resize"  # not image_size^2: resize (centre crop + resize) | skip | error
 
     c.model = m = ml_collections.ConfigDict()
     m.latent_type = "binary"  # binary | gaussian | none
@@ -29,6 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.conditioning = "cross_attention"  # cross_attention | time_embedding | none
     m.token_dim = 128
     m.token_mlp = False
+    m.token_init_scale = 1.0  # std of the z-token vectors (pos, on, off) at initialisation
+    m.binary_estimator = "bernoulli"  # training bits: bernoulli (b ~ Bern(p)) | threshold
     m.model_channels = 128
     m.channel_mult = (1, 2, 2, 2)
     m.num_res_blocks = 3
@@ -64,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 5_000
     t.sample_every = 20_000
     t.keep_checkpoints = 3
+    t.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row
 
     c.sampling = s = ml_collections.ConfigDict()
     s.num_samples = 64
@@ -75,7 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = v = ml_collections.ConfigDict()
     v.probe_train_examples = 10_000
     v.probe_test_examples = 10_000
-    v.encode_batch_size = 500
+    v.encode_batch_size = 512  # divisible by 8 devices
+    v.at_end = True  # sample grids and the linear probe when training ends
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by other axes

@@ -1,4 +1,4 @@
-"""Input pipelines: Fashion-MNIST, CIFAR-10 and CelebA as numpy batches in [-1, 1].
+"""Input pipelines: Fashion-MNIST, CIFAR-10, CelebA and image folders as numpy batches in [-1, 1].
 
 Public API (``data_cfg`` is the ``config.data`` ConfigDict of ``dmz_jax/config_base.py``):
 
@@ -32,6 +32,9 @@ it uses:
 CIFAR-10 and CelebA are read with tfds's own builders and are never downloaded unless the
 optional field ``data_cfg.download`` is True.
 
+``image_folder`` (a folder of PNG/JPEG/BMP/GIF files, ``data_cfg.image_dir``) is handled by
+``dmz_jax/image_folder.py``, whose docstring describes its split, labels and policies.
+
 TensorFlow is kept off the GPUs (``tf.config.set_visible_devices([], "GPU")`` at import), so
 it never takes accelerator memory from JAX.
 """
@@ -58,7 +61,7 @@ from dmz_jax import fashion_mnist_local  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-DATASET_NAMES = ("fashion_mnist", "cifar10", "celeb_a")
+DATASET_NAMES = ("fashion_mnist", "cifar10", "celeb_a", "image_folder")
 FASHION_SOURCES = ("auto", "tfds", "debian", "bundled")
 BUNDLED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                             "fashion_mnist_subset.npz")
@@ -112,12 +115,13 @@ class DatasetInfo:
     """What the model needs to know about the data.
 
     Attributes:
-      name: "fashion_mnist" | "cifar10" | "celeb_a".
+      name: "fashion_mnist" | "cifar10" | "celeb_a" | "image_folder".
       image_size: side in pixels of the (square) images the pipeline yields.
-      channels: 1 (Fashion-MNIST) or 3.
-      num_classes: 10, or 0 for CelebA (no class labels; ``label`` is always 0).
+      channels: 1 (Fashion-MNIST) or 3 (image_folder: data.channels).
+      num_classes: 10, or 0 for CelebA (no class labels; ``label`` is always 0); for
+        image_folder the number of class subfolders (0: none).
       num_train_examples: examples in the whole train split (all processes together).
-      source: where the data is read from: "tfds" | "debian" | "bundled".
+      source: where the data is read from: "tfds" | "debian" | "bundled" | "image_folder".
     """
 
     name: str
@@ -157,11 +161,15 @@ def _cfg(data_cfg, key: str, default=None):
 def _check_config(data_cfg) -> str:
     """Validates the fields this module reads; returns the dataset name."""
     name = _cfg(data_cfg, "name")
-    if name not in _SPECS:
+    if name not in DATASET_NAMES:
         raise ValueError(f"Unknown data.name {name!r}; expected one of {list(DATASET_NAMES)}.")
     size = _cfg(data_cfg, "image_size")
     if not isinstance(size, int) or size <= 0:
         raise ValueError(f"data.image_size must be a positive int, got {size!r}.")
+    if name == "image_folder":
+        from dmz_jax import image_folder  # Lazy: image_folder imports this module.
+        image_folder.check_config(data_cfg)
+        return name
     if name == "fashion_mnist" and size < 28:
         raise ValueError(f"fashion_mnist is padded, not cropped: image_size {size} < 28.")
     if name == "celeb_a" and _cfg(data_cfg, "crop", "diffae") not in CELEBA_CROPS:
@@ -374,7 +382,12 @@ def dataset_info(data_cfg) -> DatasetInfo:
     Raises:
       DatasetNotFoundError: the data is not available; the message says how to get it.
       ValueError: unknown dataset name / source / crop, or inconsistent fields.
+
+    image_folder: scans (decodes) the whole folder on first use; see dmz_jax/image_folder.py.
     """
+    if _check_config(data_cfg) == "image_folder":
+        from dmz_jax import image_folder
+        return image_folder.dataset_info(data_cfg)
     r = _resolve(data_cfg)
     spec = _SPECS[r.name]
     return DatasetInfo(name=r.name, image_size=int(data_cfg.image_size),
@@ -528,7 +541,7 @@ def _mix_seed(seed: int, process_index: int) -> int:
 
 
 def train_iterator(data_cfg, *, batch_size: int, seed: int, process_index: Optional[int] = None,
-                   process_count: Optional[int] = None) -> Iterator[dict]:
+                   process_count: Optional[int] = None, start_step: int = 0) -> Iterator[dict]:
     """Infinite iterator over this process's training batches.
 
     Each process reads a disjoint, equally sized contiguous share of the train split, shuffles
@@ -542,6 +555,10 @@ def train_iterator(data_cfg, *, batch_size: int, seed: int, process_index: Optio
       seed: shuffling / augmentation seed.
       process_index, process_count: this process's slot; default jax.process_index() /
         jax.process_count().
+      start_step: the first batch to yield: the stream is a deterministic function of
+        (seed, process), and batch `start_step` of it is exactly the batch an iterator started
+        at 0 yields after `start_step` batches (the skipped examples are not decoded). This is
+        what makes resumed training bit-exact.
 
     Yields:
       {"image": float32 [batch_size, S, S, C] in [-1, 1], "label": int32 [batch_size]}, plus
@@ -552,6 +569,11 @@ def train_iterator(data_cfg, *, batch_size: int, seed: int, process_index: Optio
     """
     if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if _check_config(data_cfg) == "image_folder":
+        from dmz_jax import image_folder
+        return image_folder.train_iterator(data_cfg, batch_size=batch_size, seed=seed,
+                                           process_index=process_index,
+                                           process_count=process_count, start_step=start_step)
     r = _resolve(data_cfg)
     process_index, process_count = _process_slot(process_index, process_count)
     seed = _mix_seed(seed, process_index)
@@ -561,14 +583,26 @@ def train_iterator(data_cfg, *, batch_size: int, seed: int, process_index: Optio
         ds = ds.cache()  # Decoded uint8: 47 MB (Fashion-MNIST), 150 MB (CIFAR-10).
     buffer = int(_cfg(data_cfg, "shuffle_buffer", 10_000))
     ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.skip(int(start_step) * int(batch_size))  # raw records: no decoding
     ds = ds.map(_example_fn(data_cfg, r.name), num_parallel_calls=tf.data.AUTOTUNE)
+    return batch_for_training(ds, data_cfg, batch_size, seed, start_step)
+
+
+def batch_for_training(ds: tf.data.Dataset, data_cfg, batch_size: int, seed: int,
+                       start_step: int) -> Iterator[dict]:
+    """Optional random flip (`data.random_flip`), batching, prefetch -> numpy iterator.
+
+    The flip of the example at stream position i (counted from step 0) is a stateless
+    function of (seed, i), so it does not depend on where the iterator started.
+    """
     if _cfg(data_cfg, "random_flip", False):
         def flip(index, ex):
             ex = dict(ex)
             op_seed = tf.stack([tf.constant(seed, tf.int64), index])
             ex["image"] = tf.image.stateless_random_flip_left_right(ex["image"], op_seed)
             return ex
-        ds = ds.enumerate().map(flip, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.enumerate(start=int(start_step) * int(batch_size))
+        ds = ds.map(flip, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(int(batch_size), drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.as_numpy_iterator()
 
@@ -588,6 +622,9 @@ def load_split(data_cfg, split: str, max_examples: Optional[int] = None) -> dict
       {"image": float32 [N, S, S, C] in [-1, 1], "label": int32 [N]} (+ "attributes": int32
       [N, 40] for celeb_a), numpy.
     """
+    if _check_config(data_cfg) == "image_folder":
+        from dmz_jax import image_folder
+        return image_folder.load_split(data_cfg, split, max_examples)
     r = _resolve(data_cfg)
     _check_split(r.name, split)
     if max_examples is not None and max_examples < 0:

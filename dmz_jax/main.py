@@ -16,12 +16,20 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file in config
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs, samples and summary.json go.")
 flags.DEFINE_enum("mode", "train", ["train", "describe"], "What to do.")
+flags.DEFINE_bool("fresh", False, "Move the workdir's checkpoints to checkpoints.old-<time> "
+                  "and start over (needed when the config changed the model).")
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
     del argv
     config = FLAGS.config
+    from dmz_jax import config_validation
+    try:
+        config_validation.validate_config(config)
+    except config_validation.ConfigError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
     if FLAGS.mode == "describe":
         from dmz_jax import describe
         print(describe.describe(config))
@@ -29,10 +37,11 @@ def main(argv):
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required for --mode=train.")
     from dmz_jax import train  # imports jax and tensorflow: keep describe fast
-    from dmz_jax import input_pipeline
+    from dmz_jax import checkpointing, input_pipeline
     try:
-        train.train_and_evaluate(config, FLAGS.workdir)
-    except input_pipeline.DatasetNotFoundError as e:
+        train.train_and_evaluate(config, FLAGS.workdir, fresh=FLAGS.fresh)
+    except (input_pipeline.DatasetNotFoundError, checkpointing.ConfigMismatchError,
+            train.NonFiniteError) as e:
         logging.error("%s", e)
         print(f"\nERROR: {e}", file=sys.stderr)
         return 2

@@ -31,11 +31,12 @@ class ZTokens(nn.Module):
 
     token_dim: int
     mlp: bool = False
+    init_scale: float = 1.0  # std of pos, on and off at initialisation
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         n, d = z.shape[-1], self.token_dim
-        init = nn.initializers.normal(0.02)
+        init = nn.initializers.normal(self.init_scale)
         pos = self.param("pos", init, (n, d))
         on = self.param("on", init, (n, d))
         off = self.param("off", init, (n, d))
@@ -63,6 +64,8 @@ class DMZ(nn.Module):
     conditioning: str = "cross_attention"
     token_dim: int = 128
     token_mlp: bool = False
+    token_init_scale: float = 1.0
+    binary_estimator: str = "bernoulli"  # "train" draws b ~ Bernoulli(p), or 1[p > 0.5]
 
     @property
     def uses_latent(self) -> bool:
@@ -74,13 +77,15 @@ class DMZ(nn.Module):
 
     def setup(self):
         if self.conditioning == "cross_attention":
-            self.z_tokens = ZTokens(self.token_dim, self.token_mlp)
+            self.z_tokens = ZTokens(self.token_dim, self.token_mlp, self.token_init_scale)
         elif self.conditioning == "time_embedding":
             self.z_time = nn.Dense(4 * self.denoiser.model_channels)
 
     def encode(self, x: jax.Array, mode: str = "encode", train: bool = False) -> jax.Array:
         logits = self.encoder(x, train=train)
-        rng = self.make_rng("latent") if mode != "encode" else None
+        if mode == "train" and self.binary_estimator == "threshold":
+            mode = "train_threshold"
+        rng = self.make_rng("latent") if mode in ("train", "sample") else None
         return latent_lib.get_latent_type(self.latent_type).from_logits(logits, rng, mode)
 
     def encode_logits(self, x: jax.Array) -> jax.Array:
@@ -142,7 +147,8 @@ def create_model(config: ml_collections.ConfigDict) -> DMZ:
             num_groups=m.num_groups,
         )
     return DMZ(denoiser=denoiser, encoder=encoder, latent_type=m.latent_type,
-               conditioning=m.conditioning, token_dim=m.token_dim, token_mlp=m.token_mlp)
+               conditioning=m.conditioning, token_dim=m.token_dim, token_mlp=m.token_mlp,
+               token_init_scale=m.token_init_scale, binary_estimator=m.binary_estimator)
 
 
 def init_params(model: DMZ, rng: jax.Array, image_shape: tuple[int, ...]) -> Any:

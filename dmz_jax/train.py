@@ -21,7 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from dmz_jax import checkpointing, diffusion, images, input_pipeline, probe, samplers, sharding
+from dmz_jax import (checkpointing, config_validation, diffusion, images, input_pipeline, probe,
+                     samplers, sharding)
 from dmz_jax.model import DMZ, create_model, init_params
 
 
@@ -31,6 +32,8 @@ class TrainState:
 
     step: int32 scalar, optimizer steps taken.  rng: uint32 [2], the run's base key; the key
     of step s is fold_in(rng, s), so a resumed run draws the same randomness.
+    nonfinite_streak: int32, consecutive steps whose loss or gradient was not finite (their
+    updates were skipped); skipped_steps: int32, all such steps so far.
     """
 
     step: jax.Array
@@ -38,6 +41,12 @@ class TrainState:
     ema_params: Any
     opt_state: Any
     rng: jax.Array
+    nonfinite_streak: jax.Array
+    skipped_steps: jax.Array
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -64,9 +73,10 @@ def create_train_state(config, model: DMZ, tx: optax.GradientTransformation) -> 
     rng = jax.random.PRNGKey(config.seed)
     init_rng, run_rng = jax.random.split(rng)
     params = init_params(model, init_rng, image_shape(config))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=jax.tree.map(jnp.copy, params),
-                      opt_state=tx.init(params), rng=run_rng)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, ema_params=jax.tree.map(jnp.copy, params),
+                      opt_state=tx.init(params), rng=run_rng, nonfinite_streak=zero,
+                      skipped_steps=zero)
 
 
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
@@ -77,7 +87,11 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, *, model: DMZ, diff: diffusion.Diffusion,
                tx: optax.GradientTransformation, config) -> tuple[TrainState, dict]:
-    """One optimizer step on a global batch {"image": [B, H, W, C]} -> (state, metrics)."""
+    """One optimizer step on a global batch {"image": [B, H, W, C]} -> (state, metrics).
+
+    A step whose loss or gradient norm is not finite changes nothing but the step counter and
+    the non-finite counters: params, EMA and optimizer state stay as they were.
+    """
     x0 = batch["image"]
     step_rng = jax.random.fold_in(state.rng, state.step)
     t_rng, noise_rng, dropout_rng, latent_rng = jax.random.split(step_rng, 4)
@@ -104,16 +118,24 @@ def train_step(state: TrainState, batch: dict, *, model: DMZ, diff: diffusion.Di
         return aux["loss"], aux
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     if "encoder" in grads:
-        metrics["encoder_grad_norm"] = optax.global_norm(grads["encoder"])
+        metrics["encoder_grad_norm"] = optax.tree.norm(grads["encoder"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, config.training.ema_decay)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                               state.ema_params, params)
-    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                              opt_state=opt_state)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    new_state = state.replace(
+        step=state.step + 1, params=keep_if_finite(params, state.params),
+        ema_params=keep_if_finite(ema_params, state.ema_params),
+        opt_state=keep_if_finite(opt_state, state.opt_state), nonfinite_streak=streak,
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+    metrics["nonfinite_streak"] = streak
+    metrics["skipped_steps"] = new_state.skipped_steps
     return new_state, metrics
 
 
@@ -209,35 +231,40 @@ def _mean_metrics(history: list[dict]) -> dict:
 
 
 class Run:
-    """What a training run sets up once: model, diffusion, optimizer, mesh, writer, manager."""
+    """What a training run sets up once: model, diffusion, optimizer, mesh, writer, manager.
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh=None):
+    Everything that can fail on bad input (config validation, absent data, a workdir of
+    another model) fails here, before anything is compiled.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh=None,
+                 fresh: bool = False):
         from clu import metric_writers
 
         self.config, self.workdir = config, workdir
+        config_validation.validate_config(config)  # every problem at once, before any compile
         self.info = input_pipeline.dataset_info(config.data)  # fails fast when data is absent
         logging.info("Dataset: %s", self.info)
         self.mesh = mesh or sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
-        batch = config.training.batch_size
-        self.local_batch = sharding.per_process_batch_size(batch)
-        if batch % self.mesh.size:
-            raise ValueError(f"training.batch_size={batch} is not divisible by the "
-                             f"{self.mesh.size} devices of the mesh.")
+        self.local_batch = sharding.per_process_batch_size(config.training.batch_size)
         self.model = create_model(config)
         self.diff = make_diffusion(config)
         self.tx = make_optimizer(config.training)
         os.makedirs(workdir, exist_ok=True)
-        self.writer = metric_writers.create_default_writer(
-            workdir, just_logging=jax.process_index() > 0)
+        if fresh:
+            checkpointing.set_aside(workdir)
         self.manager = checkpointing.create_manager(workdir, config.training.keep_checkpoints)
         self.state_sharding = sharding.replicated(self.mesh)
+        self._init = jax.jit(functools.partial(create_train_state, config, self.model, self.tx),
+                             out_shardings=self.state_sharding)
+        self.restored = checkpointing.restore_latest(self.manager, jax.eval_shape(self._init),
+                                                     config)
+        self.writer = metric_writers.create_default_writer(
+            workdir, just_logging=jax.process_index() > 0)
 
     def initial_state(self) -> TrainState:
-        """The newest checkpoint in the workdir, or a fresh state from config.seed."""
-        init = jax.jit(functools.partial(create_train_state, self.config, self.model, self.tx),
-                       out_shardings=self.state_sharding)
-        state = checkpointing.restore_latest(self.manager, jax.eval_shape(init))
-        return init() if state is None else state
+        """The newest loadable checkpoint in the workdir, or a fresh state from config.seed."""
+        return self._init() if self.restored is None else self.restored
 
     def close(self):
         self.manager.wait_until_finished()
@@ -245,8 +272,64 @@ class Run:
         self.writer.flush()
 
 
-def train(run: Run, state: TrainState) -> tuple[TrainState, Optional[float]]:
-    """Trains from state.step to config.training.num_steps; returns (state, last mean loss)."""
+class StopSignals:
+    """SIGTERM/SIGINT handling for preemptible jobs.
+
+    The first signal sets `requested`: the loop finishes its step, checkpoints and returns.
+    A second signal exits at once (orbax never leaves a half-written checkpoint that looks
+    complete). On several hosts, JAX's preemption sync point makes all hosts stop together.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            logging.warning("Second signal %d: exiting now without a checkpoint.", signum)
+            os._exit(128 + signum)
+        self.requested = True
+        logging.warning("Signal %d: finishing this step, checkpointing and exiting.", signum)
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+
+def _check_finite(metrics: dict, step: int, limit: int) -> None:
+    """Raises NonFiniteError when `limit` steps in a row were not finite (metrics of `step`)."""
+    streak = int(metrics["nonfinite_streak"])
+    if streak >= limit:
+        raise NonFiniteError(
+            f"Loss or gradient not finite for {streak} steps in a row (steps "
+            f"{step - streak + 1}..{step}); those updates were skipped and the last good "
+            "checkpoint is kept. Lower training.learning_rate or check the data.")
+    if streak:
+        logging.warning("Step %d: non-finite loss or gradient, update skipped (%d in a row).",
+                        step, streak)
+
+
+def train(run: Run, state: TrainState) -> tuple[TrainState, Optional[float], bool]:
+    """Trains from state.step to config.training.num_steps.
+
+    Returns (state, last mean loss or None, preempted). Stops early, after checkpointing,
+    when SIGTERM/SIGINT arrives (preempted=True).
+    """
     from clu import periodic_actions
 
     config, tc, mesh = run.config, run.config.training, run.mesh
@@ -254,30 +337,42 @@ def train(run: Run, state: TrainState) -> tuple[TrainState, Optional[float]]:
     if start_step:
         logging.info("Resuming training at step %d of %d", start_step, tc.num_steps)
     else:
-        run.writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+        hparams = checkpointing.flatten_dict(config.to_dict())
+        run.writer.write_hparams({k: str(v) for k, v in hparams.items()})
     if start_step >= tc.num_steps:
-        return state, None
+        return state, None, False
     step_fn = compile_train_step(config, run.model, run.diff, run.tx, mesh, run.state_sharding)
     data = input_pipeline.train_iterator(config.data, batch_size=run.local_batch,
-                                         seed=config.seed + start_step)
+                                         seed=config.seed, start_step=start_step)
     report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=run.writer)
-    history, last_loss, t_start = [], None, time.time()
-    for step in range(start_step + 1, tc.num_steps + 1):
-        state, metrics = step_fn(state, sharding.global_batch(next(data), mesh))
-        history.append(metrics)
-        report(step)
-        if step % tc.log_every == 0 or step == tc.num_steps:
-            means = _mean_metrics(history)
-            last_loss, history = means["loss"], []
-            rate = (step - start_step) / (time.time() - t_start)
-            means["eta_seconds"] = (tc.num_steps - step) / rate
-            run.writer.write_scalars(step, means)
-        if step % tc.checkpoint_every == 0 or step == tc.num_steps:
-            checkpointing.save(run.manager, step, state, config)
-        if step % tc.sample_every == 0 and step != tc.num_steps:
-            write_sample_grids(run, state.ema_params, step)
+    history, last_loss, t_start, previous = [], None, time.time(), None
+    with StopSignals() as signals:
+        for step in range(start_step + 1, tc.num_steps + 1):
+            state, metrics = step_fn(state, sharding.global_batch(next(data), mesh))
+            if previous is not None:  # one step behind: reading it does not stall the device
+                _check_finite(*previous, tc.max_nonfinite_steps)
+            previous = (metrics, step)
+            history.append(metrics)
+            report(step)
+            if step % tc.log_every == 0 or step == tc.num_steps:
+                means = _mean_metrics(history)
+                last_loss, history = means["loss"], []
+                rate = (step - start_step) / (time.time() - t_start)
+                means["eta_seconds"] = (tc.num_steps - step) / rate
+                run.writer.write_scalars(step, means)
+            stop = signals.should_stop(step)
+            if step % tc.checkpoint_every == 0 or step == tc.num_steps or stop:
+                _check_finite(metrics, step, tc.max_nonfinite_steps)
+                checkpointing.save(run.manager, step, state, config)
+            if stop:
+                logging.warning("Stopped at step %d after a signal; checkpoint written.", step)
+                run.manager.wait_until_finished()
+                return state, last_loss, True
+            if step % tc.sample_every == 0 and step != tc.num_steps:
+                write_sample_grids(run, state.ema_params, step)
+    _check_finite(*previous, tc.max_nonfinite_steps)
     run.manager.wait_until_finished()
-    return state, last_loss
+    return state, last_loss, False
 
 
 def evaluate(run: Run, state: TrainState) -> dict:
@@ -285,23 +380,26 @@ def evaluate(run: Run, state: TrainState) -> dict:
     step = int(state.step)
     summary = {"step": step}
     summary["samples"] = write_sample_grids(run, state.ema_params, step)
-    if run.model.uses_latent:
+    if run.model.uses_latent and run.info.num_classes > 1:
         summary.update(evaluate_probe(run.config, run.model, state.ema_params, run.mesh))
-    else:
+    else:  # no latent, or no class labels (celeb_a: attributes, not classes)
         summary["probe_accuracy"] = None
     if summary["probe_accuracy"] is not None:
         run.writer.write_scalars(step, {"probe_accuracy": summary["probe_accuracy"]})
     return summary
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       fresh: bool = False) -> dict:
     """Trains to config.training.num_steps (resuming from workdir), then evaluates.
 
     Writes WORKDIR/checkpoints, TensorBoard events, samples/*.png and summary.json; returns
-    the summary dict. A finished run (summary.json at num_steps) is not redone.
+    the summary dict. A finished run (summary.json at num_steps) is not redone. A preempted
+    run returns {"step", "preempted": True} without evaluating. fresh=True moves existing
+    checkpoints aside first.
     """
     summary_path = os.path.join(workdir, "summary.json")
-    run = Run(config, workdir)
+    run = Run(config, workdir, fresh=fresh)
     state = run.initial_state()
     if int(state.step) >= config.training.num_steps and os.path.exists(summary_path):
         with open(summary_path) as f:
@@ -310,9 +408,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("Run already finished at step %d; see %s", summary["step"], summary_path)
             run.close()
             return summary
-    state, last_loss = train(run, state)
-    summary = {"step": int(state.step), "train_loss": last_loss}
-    summary.update(evaluate(run, state))
+    try:
+        state, last_loss, preempted = train(run, state)
+    except BaseException:
+        run.manager.wait_until_finished()  # never leave a save half-done on the way out
+        raise
+    if preempted:
+        run.close()
+        return {"step": int(state.step), "preempted": True}
+    summary = {"step": int(state.step), "train_loss": last_loss,
+               "skipped_steps": int(state.skipped_steps)}
+    if config.eval.at_end:
+        summary.update(evaluate(run, state))
     run.close()
     if jax.process_index() == 0:
         with open(summary_path, "w") as f:
@@ -320,13 +427,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Summary: step=%d train_loss=%s probe_accuracy=%s", summary["step"],
                  summary["train_loss"], summary.get("probe_accuracy"))
     return summary
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

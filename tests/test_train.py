@@ -19,7 +19,8 @@ def finished_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     config = tiny_config()
     run = train.Run(config, workdir)
-    state, loss = train.train(run, run.initial_state())
+    state, loss, preempted = train.train(run, run.initial_state())
+    assert not preempted
     summary = {"step": int(state.step), "train_loss": loss, **train.evaluate(run, state)}
     run.close()
     with open(os.path.join(workdir, "summary.json"), "w") as f:

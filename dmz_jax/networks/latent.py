@@ -14,20 +14,25 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-MODES = ("train", "encode", "sample")
+MODES = ("train", "train_threshold", "encode", "sample")
+BINARY_ESTIMATORS = ("bernoulli", "threshold")  # how "train" mode draws bits
 
 
 def binary_from_logits(logits: jax.Array, rng: jax.Array, mode: str) -> jax.Array:
     """Bernoulli bits with a straight-through gradient.
 
-    p = sigmoid(logits). "train": b ~ Bernoulli(p), z = b + p - stop_gradient(p), whose value
-    is exactly b (0 or 1, the subtraction comes first) and whose gradient is that of p. "encode": z = 1[p > 0.5].
-    "sample": z = b.
+    p = sigmoid(logits). "train": b ~ Bernoulli(p), z = b + (p - stop_gradient(p)), whose
+    value is exactly b (0 or 1: the subtraction comes first) and whose gradient is that of p.
+    "train_threshold": the same with b = 1[p > 0.5] (deterministic straight-through).
+    "encode": z = 1[p > 0.5]. "sample": z = b.
     """
     p = jax.nn.sigmoid(logits.astype(jnp.float32))
     if mode == "encode":
         return (p > 0.5).astype(jnp.float32)
-    bits = jax.random.bernoulli(rng, p).astype(jnp.float32)
+    if mode == "train_threshold":
+        bits = (p > 0.5).astype(jnp.float32)
+    else:
+        bits = jax.random.bernoulli(rng, p).astype(jnp.float32)
     if mode == "sample":
         return bits
     return bits + (p - jax.lax.stop_gradient(p))  # p - p is exactly 0: z is exactly b

@@ -1,0 +1,255 @@
+"""Reliability: kill -9 and resume bit-exactly, SIGTERM, corrupt checkpoints, config
+mismatches, non-finite steps, and a deterministic step-indexed data stream.
+
+The fault-injection test kills real training processes; DMZ_FAULT_KILLS (default 3: two at
+random moments, one in the middle of a checkpoint write) sets how many kills it makes.
+"""
+
+import glob
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import tiny_config
+from dmz_jax import checkpointing, input_pipeline, sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "tiny_config.py")
+
+
+# ---------------------------------------------------------------------------- data order
+
+
+def test_data_stream_is_indexed_by_step():
+    config = tiny_config()
+    config.data.random_flip = True
+    full = input_pipeline.train_iterator(config.data, batch_size=8, seed=3)
+    batches = [next(full) for _ in range(1300)]  # past the end of the first epoch (1250)
+    for start in (1, 7, 1249, 1299):
+        resumed = next(input_pipeline.train_iterator(config.data, batch_size=8, seed=3,
+                                                     start_step=start))
+        np.testing.assert_array_equal(resumed["image"], batches[start]["image"])
+        np.testing.assert_array_equal(resumed["label"], batches[start]["label"])
+
+
+# ---------------------------------------------------------------------------- non-finite
+
+
+def _one_device_step(config):
+    mesh = sharding.create_mesh(devices=jax.devices()[:1])
+    model, diff = train.create_model(config), train.make_diffusion(config)
+    tx = train.make_optimizer(config.training)
+    rep = sharding.replicated(mesh)
+    state = jax.jit(lambda: train.create_train_state(config, model, tx), out_shardings=rep)()
+    step_fn = train.compile_train_step(config, model, diff, tx, mesh, rep)
+    return state, lambda s, b: step_fn(s, sharding.global_batch(b, mesh))
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+    config = tiny_config()
+    state, step = _one_device_step(config)
+    batch = next(input_pipeline.train_iterator(config.data, batch_size=8, seed=0))
+    bad = dict(batch, image=np.full_like(batch["image"], np.nan))
+    before = jax.device_get(state)
+    state, metrics = step(state, bad)
+    after = jax.device_get(state)
+    for a, b in zip(jax.tree.leaves((before.params, before.ema_params, before.opt_state)),
+                    jax.tree.leaves((after.params, after.ema_params, after.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    assert int(after.step) == 1 and int(after.skipped_steps) == 1
+    assert int(metrics["nonfinite_streak"]) == 1 and not np.isfinite(metrics["loss"])
+    state, metrics = step(state, batch)
+    assert int(metrics["nonfinite_streak"]) == 0 and int(state.skipped_steps) == 1
+    assert not np.array_equal(jax.device_get(state.params)["denoiser"]["out_conv"]["kernel"],
+                              after.params["denoiser"]["out_conv"]["kernel"])
+
+
+def test_nonfinite_streak_stops_the_run_naming_the_steps(tmp_path, monkeypatch):
+    config = tiny_config()
+    config.training.num_steps, config.training.max_nonfinite_steps = 6, 3
+    config.training.checkpoint_every = 1
+    real = input_pipeline.train_iterator
+
+    def poisoned(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i >= 1:  # step 1 is good, steps 2.. are NaN
+                batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+            yield batch
+
+    monkeypatch.setattr(input_pipeline, "train_iterator", poisoned)
+    with pytest.raises(train.NonFiniteError, match=r"3 steps in a row \(steps 2\.\.4\)"):
+        train.train_and_evaluate(config, str(tmp_path))
+    # the newest checkpoint holds the step-1 parameters (nothing non-finite was applied)
+    steps = _trained_steps(str(tmp_path))
+    assert max(steps) <= 3
+    restored, first = _saved_state(str(tmp_path), max(steps)), _saved_state(str(tmp_path), 1)
+    np.testing.assert_array_equal(restored["params"]["denoiser"]["out_conv"]["kernel"],
+                                  first["params"]["denoiser"]["out_conv"]["kernel"])
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored["params"]))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A workdir with checkpoints at steps 1 and 2 of the tiny config (no evaluation)."""
+    workdir = str(tmp_path_factory.mktemp("ckpt"))
+    config = tiny_config()
+    config.training.num_steps, config.training.checkpoint_every = 2, 1
+    config.eval.at_end = False
+    train.train_and_evaluate(config, workdir)
+    return workdir, config
+
+
+def _copy(src, tmp_path):
+    import shutil
+    dest = str(tmp_path / "work")
+    shutil.copytree(src, dest)
+    return dest
+
+
+def test_corrupt_checkpoint_is_skipped_with_a_warning(two_checkpoints, tmp_path, caplog):
+    workdir, config = two_checkpoints
+    workdir = _copy(workdir, tmp_path)
+    for path in glob.glob(os.path.join(workdir, "checkpoints", "2", "state", "**", "*"),
+                          recursive=True):
+        if os.path.isfile(path):
+            with open(path, "r+b") as f:
+                f.truncate(max(0, os.path.getsize(path) // 3))
+    with caplog.at_level(logging.INFO):
+        run = train.Run(config, workdir)
+    assert "Checkpoint at step 2 cannot be loaded" in caplog.text
+    assert "Restored checkpoint at step 1" in caplog.text
+    assert int(run.initial_state().step) == 1
+    run.close()
+    moved = os.listdir(os.path.join(workdir, "checkpoints_corrupt"))
+    assert len(moved) == 1 and moved[0].startswith("2-")
+
+
+def test_checkpoint_of_another_model_is_refused_with_a_diff(two_checkpoints, tmp_path):
+    workdir, config = two_checkpoints
+    workdir = _copy(workdir, tmp_path)
+    changed = tiny_config()
+    changed.model.latent_dim = 16
+    changed.training.learning_rate = 1e-3
+    changed.training.num_steps = 50  # allowed to change
+    with pytest.raises(checkpointing.ConfigMismatchError) as err:
+        train.Run(changed, workdir)
+    message = str(err.value)
+    assert "model.latent_dim: 8 -> 16" in message
+    assert "training.learning_rate: 0.0002 -> 0.001" in message
+    assert "num_steps" not in message and "--fresh" in message
+    # --fresh moves the old checkpoints aside (nothing is deleted) and starts over
+    run = train.Run(changed, workdir, fresh=True)
+    assert int(run.initial_state().step) == 0
+    run.close()
+    old = glob.glob(os.path.join(workdir, "checkpoints.old-*"))
+    assert len(old) == 1 and sorted(os.listdir(old[0])) == ["1", "2", "summary.json"]
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def _env(cache_dir):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+               JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("XLA_FLAGS", None)  # one device, like a user's run
+    return env
+
+
+def _start(workdir, num_steps, cache_dir, log_path, *extra):
+    cmd = [sys.executable, "-m", "dmz_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+           f"--config.training.num_steps={num_steps}", "--config.training.checkpoint_every=1",
+           "--config.training.log_every=1", "--config.eval.at_end=False", *extra]
+    log = open(log_path, "ab")
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(cache_dir), stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def _saved_state(workdir, step):
+    """The state saved at `step`, as a dict of numpy arrays (no target structure needed)."""
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               item_names=("state", "config")) as manager:
+        return manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore())).state
+
+
+def _final_state(workdir, step):
+    assert max(_trained_steps(workdir)) == step
+    return _saved_state(workdir, step)
+
+
+def _wait_for(predicate, proc, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _tmp_checkpoint_exists(workdir):
+    return bool(glob.glob(os.path.join(workdir, "checkpoints", "*orbax-checkpoint-tmp*")))
+
+
+def _trained_steps(workdir):
+    return [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()] \
+        if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
+    steps, kills = 14, int(os.environ.get("DMZ_FAULT_KILLS", "3"))
+    cache, rng = str(tmp_path / "cache"), random.Random(0)
+    reference, faulty = str(tmp_path / "reference"), str(tmp_path / "faulty")
+    log = str(tmp_path / "log.txt")
+    assert _start(reference, steps, cache, log).wait(timeout=300) == 0
+    killed_mid_write = 0
+    for i in range(kills):
+        proc = _start(faulty, steps, cache, log)
+        done_before = max(_trained_steps(faulty), default=0)
+        # wait until this process has trained at least one step of its own
+        assert _wait_for(lambda: max(_trained_steps(faulty), default=0) > done_before, proc,
+                         240), open(log).read()[-3000:]
+        if i % 3 == 2:  # kill while a checkpoint is being written
+            killed_mid_write += _wait_for(lambda: _tmp_checkpoint_exists(faulty), proc, 60)
+        else:
+            time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if max(_trained_steps(faulty), default=0) >= steps:
+            break
+    assert _start(faulty, steps, cache, log).wait(timeout=300) == 0
+    assert "Restored checkpoint" in open(log).read()
+    want, got = _final_state(reference, steps), _final_state(faulty, steps)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+    if kills >= 3:
+        assert killed_mid_write >= 1
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_zero(tmp_path):
+    workdir, log = str(tmp_path / "work"), str(tmp_path / "log.txt")
+    proc = _start(workdir, 10_000, str(tmp_path / "cache"), log,
+                  "--config.training.checkpoint_every=1000")
+    assert _wait_for(lambda: b" loss=" in open(log, "rb").read(), proc, 240), \
+        open(log).read()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    text = open(log).read()
+    assert "finishing this step, checkpointing and exiting" in text
+    steps = _trained_steps(workdir)
+    assert len(steps) == 1 and 0 < steps[0] < 1000  # the current step, not a periodic one
+    assert f"Stopped at step {steps[0]} after a signal" in text
