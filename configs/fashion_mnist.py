@@ -1,9 +1,20 @@
-"""Fashion-MNIST padded to 32x32: the offline default, sized to train usefully on 2 CPU cores.
+"""Fashion-MNIST padded to 32x32: the offline default, sized to train on 2 CPU cores in ~10 min.
 
 Data comes from (in this order) a prepared tfds `fashion_mnist`, Debian's
 `dataset-fashion-mnist` files, or the 10k-image subset shipped inside the package.
-|z| = 32 bits; a small U-Net (16 channels, (1, 2, 2), attention at 8, 8 GroupNorm groups)
-and encoder (16 channels): about 0.35 s per batch of 32 on 2 CPU cores.
+
+Model: |z| = 64 bits; a small U-Net (16 channels, (1, 2, 2), self-attention at 8,
+cross-attention to z at 16 and 8 and in the middle block, 8 GroupNorm groups) and encoder
+(16 channels, (1, 2, 4, 8)): about 0.35 s per batch of 32 on 2 CPU cores.
+
+Short-budget choices (the paper configs keep the defaults), because in 1,500 steps the
+encoder otherwise collapses to a few hundred distinct codes before the denoiser learns to
+use z (measured: linear probe 0.25-0.37 with the defaults):
+  - model.binary_estimator = "threshold": deterministic straight-through bits in training;
+  - model.encoder.center_examples = 1024: every bit starts by splitting the data evenly;
+  - training.encoder_lr_scale = 0.1: the encoder moves slower than the denoiser.
+summary.json reports `probe_accuracy_at_init` beside `probe_accuracy`, so the share of the
+probe that training added is visible.
 """
 
 from dmz_jax.config_base import base_config
@@ -14,21 +25,26 @@ def get_config():
     c.data.name = "fashion_mnist"
     c.data.image_size = 32
     c.data.channels = 1
-    c.model.latent_dim = 32
+    c.model.latent_dim = 64
     c.model.token_dim = 64
+    c.model.binary_estimator = "threshold"
     c.model.model_channels = 16
     c.model.num_groups = 8
     c.model.channel_mult = (1, 2, 2)
     c.model.num_res_blocks = 1
     c.model.attention_resolutions = (8,)
+    c.model.cross_attention_resolutions = (16, 8)
     c.model.num_heads = 2
     c.model.dropout = 0.0
     c.model.encoder.model_channels = 16
-    c.model.encoder.channel_mult = (1, 2, 2)
+    c.model.encoder.channel_mult = (1, 2, 4, 8)
     c.model.encoder.num_res_blocks = 1
+    c.model.encoder.center_examples = 1024
     c.training.batch_size = 32
     c.training.num_steps = 1_500
-    c.training.learning_rate = 2e-4
+    c.training.learning_rate = 1e-3
+    c.training.warmup_steps = 100
+    c.training.encoder_lr_scale = 0.1
     c.training.ema_decay = 0.999
     c.training.log_every = 50
     c.training.checkpoint_every = 500

@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     e.num_res_blocks = 2
     e.attention_resolutions = ()
     e.dropout = 0.0
+    e.center_examples = 0  # >0: centre each logit's bias on this many images at init
 
     c.diffusion = f = ml_collections.ConfigDict()
     f.schedule = "cosine"  # cosine | linear
@@ -68,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.weight_decay = 0.0
     t.warmup_steps = 0
     t.grad_clip = 1.0
+    t.encoder_lr_scale = 1.0  # the encoder's learning rate relative to learning_rate
     t.ema_decay = 0.9999
     t.log_every = 100
     t.checkpoint_every = 5_000
@@ -87,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     v.probe_test_examples = 10_000
     v.encode_batch_size = 512  # divisible by 8 devices
     v.at_end = True  # sample grids and the linear probe when training ends
+    v.probe_at_init = True  # also probe the untrained encoder (the baseline), in summary.json
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by other axes

@@ -432,6 +432,8 @@ def _check_training(c: _Checker) -> None:
         _check_at_least(c, f"training.{key}", 0)
     _check_positive(c, "training.learning_rate")
     _check_positive(c, "training.grad_clip")
+    _check_positive(c, "training.encoder_lr_scale")
+    _check_at_least(c, "model.encoder.center_examples", 0)
     decay = c.get("training.ema_decay")
     if decay is not None and not 0 <= decay < 1:
         c.add("training.ema_decay", decay, "must be in [0, 1), e.g. 0.9999")

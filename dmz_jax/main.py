@@ -16,6 +16,8 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file in config
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs, samples and summary.json go.")
 flags.DEFINE_enum("mode", "train", ["train", "describe"], "What to do.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host: "
+                  "TPU pods, SLURM; it finds the coordinator from the environment).")
 flags.DEFINE_bool("fresh", False, "Move the workdir's checkpoints to checkpoints.old-<time> "
                   "and start over (needed when the config changed the model).")
 flags.mark_flags_as_required(["config"])
@@ -23,6 +25,9 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     del argv
+    if FLAGS.distributed:
+        import jax
+        jax.distributed.initialize()
     config = FLAGS.config
     from dmz_jax import config_validation
     try:

@@ -50,12 +50,34 @@ class NonFiniteError(FloatingPointError):
 
 
 def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Gradient clipping by global norm, then AdamW with optional linear warmup."""
+    """Gradient clipping by global norm, then AdamW with optional linear warmup.
+
+    The encoder's updates are scaled by training.encoder_lr_scale.
+    """
     lr = tc.learning_rate
     if tc.warmup_steps:
         lr = optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps)
-    return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                       optax.adamw(lr, weight_decay=tc.weight_decay))
+    tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                     optax.adamw(lr, weight_decay=tc.weight_decay))
+    if tc.encoder_lr_scale != 1.0:
+        scale = optax.scale(tc.encoder_lr_scale)
+        tx = optax.chain(tx, optax.partition(
+            {"encoder": scale, "rest": optax.identity()},
+            lambda params: {k: "encoder" if k == "encoder" else "rest" for k in params}))
+    return tx
+
+
+def center_encoder_logits(model: DMZ, params, images: jax.Array):
+    """Data-dependent init: shifts the encoder's output bias by the median logit of `images`.
+
+    Every bit then splits the data about evenly at initialisation, so z carries information
+    from the first step (without it, most bits start constant: pooled SiLU features share a
+    large common component). images: [N, H, W, C] in [-1, 1].
+    """
+    logits = model.apply({"params": params}, images, method=DMZ.encode_logits)
+    bias = params["encoder"]["to_logits"]["bias"] - jnp.median(logits, axis=0)
+    encoder = {**params["encoder"], "to_logits": {**params["encoder"]["to_logits"], "bias": bias}}
+    return {**params, "encoder": encoder}
 
 
 def make_diffusion(config: ml_collections.ConfigDict) -> diffusion.Diffusion:
@@ -263,8 +285,23 @@ class Run:
             workdir, just_logging=jax.process_index() > 0)
 
     def initial_state(self) -> TrainState:
-        """The newest loadable checkpoint in the workdir, or a fresh state from config.seed."""
-        return self._init() if self.restored is None else self.restored
+        """The newest loadable checkpoint in the workdir, or a fresh state from config.seed.
+
+        A fresh state's encoder bias is centred on the first model.encoder.center_examples
+        training images (fixed order), when that is > 0.
+        """
+        return self.fresh_state() if self.restored is None else self.restored
+
+    def fresh_state(self) -> TrainState:
+        """The state a new run starts from (deterministic in config.seed and the data)."""
+        state = self._init()
+        n = self.config.model.encoder.center_examples
+        if self.model.uses_latent and n:
+            images = input_pipeline.load_split(self.config.data, "train", n)["image"]
+            params = jax.jit(functools.partial(center_encoder_logits, self.model),
+                             out_shardings=self.state_sharding)(state.params, images)
+            state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+        return state
 
     def close(self):
         self.manager.wait_until_finished()
@@ -382,6 +419,10 @@ def evaluate(run: Run, state: TrainState) -> dict:
     summary["samples"] = write_sample_grids(run, state.ema_params, step)
     if run.model.uses_latent and run.info.num_classes > 1:
         summary.update(evaluate_probe(run.config, run.model, state.ema_params, run.mesh))
+        if run.config.eval.probe_at_init:  # the baseline: how much of it did training add?
+            initial = run.fresh_state().params
+            summary["probe_accuracy_at_init"] = evaluate_probe(
+                run.config, run.model, initial, run.mesh)["probe_accuracy"]
     else:  # no latent, or no class labels (celeb_a: attributes, not classes)
         summary["probe_accuracy"] = None
     if summary["probe_accuracy"] is not None:

@@ -142,13 +142,13 @@ def test_checkpoint_of_another_model_is_refused_with_a_diff(two_checkpoints, tmp
     workdir = _copy(workdir, tmp_path)
     changed = tiny_config()
     changed.model.latent_dim = 16
-    changed.training.learning_rate = 1e-3
+    changed.training.learning_rate = 5e-3
     changed.training.num_steps = 50  # allowed to change
     with pytest.raises(checkpointing.ConfigMismatchError) as err:
         train.Run(changed, workdir)
     message = str(err.value)
     assert "model.latent_dim: 8 -> 16" in message
-    assert "training.learning_rate: 0.0002 -> 0.001" in message
+    assert "training.learning_rate: 0.001 -> 0.005" in message
     assert "num_steps" not in message and "--fresh" in message
     # --fresh moves the old checkpoints aside (nothing is deleted) and starts over
     run = train.Run(changed, workdir, fresh=True)
@@ -253,3 +253,19 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(tmp_path):
     steps = _trained_steps(workdir)
     assert len(steps) == 1 and 0 < steps[0] < 1000  # the current step, not a periodic one
     assert f"Stopped at step {steps[0]} after a signal" in text
+
+
+def test_second_signal_exits_at_once_and_leaves_a_loadable_checkpoint(tmp_path):
+    workdir, log, cache = str(tmp_path / "work"), str(tmp_path / "log.txt"), str(tmp_path / "c")
+    proc = _start(workdir, 30, cache, log)
+    assert _wait_for(lambda: len(_trained_steps(workdir)) >= 2, proc, 240), \
+        open(log).read()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=120)
+    assert rc in (0, 128 + signal.SIGINT), open(log).read()[-3000:]
+    assert _start(workdir, 30, cache, log).wait(timeout=300) == 0
+    text = open(log).read()
+    assert "Restored checkpoint at step" in text and "cannot be loaded" not in text
+    assert max(_trained_steps(workdir)) == 30

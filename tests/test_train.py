@@ -5,6 +5,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -129,3 +130,32 @@ def test_one_train_step_on_mock_data(config_name, image_shape, tmp_path, monkeyp
     assert batch["image"].shape == (8, *image_shape)
     state, metrics = _steps_on_mesh(config, sharding.create_mesh(), [batch])
     assert int(state.step) == 1 and np.isfinite(metrics[0]["loss"])
+
+
+def test_centering_makes_every_bit_split_the_images_evenly():
+    config = tiny_config()
+    model = train.create_model(config)
+    params = train.init_params(model, jax.random.PRNGKey(0), (32, 32, 1))
+    images = input_pipeline.load_split(config.data, "train", 64)["image"]
+    encode = jax.jit(lambda p: model.apply({"params": p}, images, "encode",
+                                           method=train.DMZ.encode))
+    before = np.asarray(encode(params)).mean(0)
+    after = np.asarray(encode(train.center_encoder_logits(model, params, images))).mean(0)
+    np.testing.assert_array_equal(after, np.full(8, 0.5))
+    assert not np.array_equal(before, after)
+
+
+def test_encoder_lr_scale_scales_only_the_encoder_update():
+    config = tiny_config()
+    model = train.create_model(config)
+    params = train.init_params(model, jax.random.PRNGKey(0), (32, 32, 1))
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates = {}
+    for scale in (1.0, 0.25):
+        config.training.encoder_lr_scale = scale
+        tx = train.make_optimizer(config.training)
+        updates[scale], _ = tx.update(grads, tx.init(params), params)
+    enc1, enc = updates[1.0]["encoder"]["to_logits"]["bias"], updates[0.25]["encoder"]["to_logits"]["bias"]
+    np.testing.assert_allclose(enc, 0.25 * enc1, rtol=1e-6)
+    np.testing.assert_array_equal(updates[0.25]["denoiser"]["out_conv"]["bias"],
+                                  updates[1.0]["denoiser"]["out_conv"]["bias"])

@@ -18,6 +18,9 @@ def get_config():
     config.model.model_channels = 16
     config.model.channel_mult = (1, 2)
     config.model.attention_resolutions = (16,)
+    config.model.cross_attention_resolutions = None  # same as attention_resolutions
+    config.model.binary_estimator = "bernoulli"  # the paper configs' default
+    config.model.encoder.center_examples = 64
     config.model.num_heads = 2
     config.model.num_groups = 8
     config.model.dropout = 0.1
@@ -25,6 +28,7 @@ def get_config():
     config.model.encoder.channel_mult = (1, 2)
     config.diffusion.num_timesteps = 50
     config.training.batch_size = 8
+    config.training.warmup_steps = 0  # updates from the first step
     config.training.num_steps = 4
     config.training.log_every = 2
     config.training.checkpoint_every = 2
