@@ -5,7 +5,6 @@ describe prints the parameter tables without touching data.
 Overrides: --config.training.num_steps=100 and so on (ml_collections).
 """
 
-import logging
 import sys
 
 from absl import app, flags
@@ -47,7 +46,6 @@ def main(argv):
         train.train_and_evaluate(config, FLAGS.workdir, fresh=FLAGS.fresh)
     except (input_pipeline.DatasetNotFoundError, checkpointing.ConfigMismatchError,
             train.NonFiniteError) as e:
-        logging.error("%s", e)
         print(f"\nERROR: {e}", file=sys.stderr)
         return 2
     return 0
