@@ -215,19 +215,30 @@ def encode_dataset(encode_fn, params, x: np.ndarray, batch_size: int, mesh) -> n
     return np.concatenate(codes)
 
 
-def evaluate_probe(config, model, params, mesh) -> dict:
-    """Linear-probe accuracy of the deterministic codes of `params` (train -> test split)."""
+def evaluate_probe(config, model, params, mesh, baseline_params=None) -> dict:
+    """Linear-probe accuracy of the deterministic codes of `params` (train -> test split).
+
+    With `baseline_params` (e.g. the untrained encoder), also `probe_accuracy_at_init`,
+    from the same loaded splits and the same compiled encoder.
+    """
     encode_fn = make_encode_fn(model, mesh)
     batch = config.eval.encode_batch_size
     train = input_pipeline.load_split(config.data, "train", config.eval.probe_train_examples)
     test = input_pipeline.load_split(config.data, "test", config.eval.probe_test_examples)
-    train_codes = encode_dataset(encode_fn, params, train["image"], batch, mesh)
-    test_codes = encode_dataset(encode_fn, params, test["image"], batch, mesh)
-    accuracy = probe.linear_probe_accuracy(train_codes, train["label"], test_codes,
-                                           test["label"])
-    return {"probe_accuracy": accuracy,
-            "bit_means": train_codes.mean(0).round(4).tolist(),
-            "distinct_codes_train": int(len(np.unique(train_codes, axis=0)))}
+
+    def codes_and_accuracy(p):
+        train_codes = encode_dataset(encode_fn, p, train["image"], batch, mesh)
+        test_codes = encode_dataset(encode_fn, p, test["image"], batch, mesh)
+        return train_codes, probe.linear_probe_accuracy(train_codes, train["label"],
+                                                        test_codes, test["label"])
+
+    train_codes, accuracy = codes_and_accuracy(params)
+    result = {"probe_accuracy": accuracy,
+              "bit_means": train_codes.mean(0).round(4).tolist(),
+              "distinct_codes_train": int(len(np.unique(train_codes, axis=0)))}
+    if baseline_params is not None:
+        result["probe_accuracy_at_init"] = codes_and_accuracy(baseline_params)[1]
+    return result
 
 
 def write_sample_grids(run: "Run", params, step: int) -> list[str]:
@@ -418,11 +429,10 @@ def evaluate(run: Run, state: TrainState) -> dict:
     summary = {"step": step}
     summary["samples"] = write_sample_grids(run, state.ema_params, step)
     if run.model.uses_latent and run.info.num_classes > 1:
-        summary.update(evaluate_probe(run.config, run.model, state.ema_params, run.mesh))
-        if run.config.eval.probe_at_init:  # the baseline: how much of it did training add?
-            initial = run.fresh_state().params
-            summary["probe_accuracy_at_init"] = evaluate_probe(
-                run.config, run.model, initial, run.mesh)["probe_accuracy"]
+        # the baseline, the untrained encoder: how much of the probe did training add?
+        baseline = run.fresh_state().params if run.config.eval.probe_at_init else None
+        summary.update(evaluate_probe(run.config, run.model, state.ema_params, run.mesh,
+                                      baseline_params=baseline))
     else:  # no latent, or no class labels (celeb_a: attributes, not classes)
         summary["probe_accuracy"] = None
     if summary["probe_accuracy"] is not None:

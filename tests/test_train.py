@@ -34,6 +34,7 @@ def test_end_to_end_writes_checkpoints_logs_samples_and_probe(finished_run):
     assert summary["step"] == 4 and int(state.step) == 4
     assert np.isfinite(summary["train_loss"])
     assert 0.0 <= summary["probe_accuracy"] <= 1.0
+    assert 0.0 <= summary["probe_accuracy_at_init"] <= 1.0  # the untrained baseline
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
     pngs = sorted(os.listdir(os.path.join(workdir, "samples")))
