@@ -1,6 +1,8 @@
 """Defaults shared by every config in `configs/`; each config file overrides what it needs.
 
-Every key a config may set exists here, so an override of an unknown key fails loudly.
+The config is locked and type-safe: setting a key that is not here, or a value of another
+type, fails loudly (in a config file, in Python or as a --config.* flag). Fields that may be
+None are placeholders. `config_checks.check_config` checks what the types cannot.
 Units: resolutions in pixels, learning rates per step, intervals in training steps.
 """
 
@@ -8,6 +10,7 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every key with its default, locked."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -22,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.debian_dir = "/usr/share/datasets/fashion-mnist"
     d.shuffle_buffer = 10_000
     d.download = False  # let tfds download cifar10 / fashion_mnist(source=tfds) itself
-    # image_folder only (see dmz_jax/image_folder.py):
+    # image_folder only:
     d.image_dir = ml_collections.config_dict.placeholder(str)  # folder, searched recursively
     d.test_fraction = 0.1  # share of the files in the "test" split (seeded permutation)
     d.split_seed = 0  # seed of that train/test permutation
@@ -68,9 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
     t.learning_rate = 1e-4
     t.weight_decay = 0.0
     t.warmup_steps = 0
-    t.grad_clip = 1.0
+    t.grad_clip = 1.0  # max global gradient norm; 0.0: no clipping
     t.encoder_lr_scale = 1.0  # the encoder's learning rate relative to learning_rate
     t.ema_decay = 0.9999
+    t.ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step)); False: I-DDPM's
     t.log_every = 100
     t.checkpoint_every = 5_000
     t.sample_every = 20_000
@@ -94,4 +98,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by other axes
     c.mesh.fsdp = 1
+    c.lock()
     return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+    """Shrinks `c` in place to a run that compiles in seconds (tests, smoke runs).
+
+    Denoiser and encoder: 16 channels, 2 levels, 1 res block; self- and cross-attention at
+    data.image_size // 2 (pixels) with 2 heads, 8 GroupNorm groups; |z| = 8, tokens of width
+    16; T = 50; 4 steps of batch 8, checkpoints every 2; 4 samples at K = 2 and 5.
+    """
+    c.model.update(latent_dim=8, token_dim=16, model_channels=16, channel_mult=(1, 2),
+                   num_res_blocks=1, attention_resolutions=(c.data.image_size // 2,),
+                   num_heads=2, num_groups=8)
+    c.model.cross_attention_resolutions = None  # the same as attention_resolutions
+    c.model.encoder.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                           attention_resolutions=())
+    c.diffusion.update(num_timesteps=50, rescale_timesteps=False)
+    c.training.update(batch_size=8, warmup_steps=0, num_steps=4, log_every=2,
+                      checkpoint_every=2)
+    c.sampling.update(num_samples=4, steps=(2, 5))
+    c.eval.update(probe_train_examples=200, probe_test_examples=100, encode_batch_size=40)

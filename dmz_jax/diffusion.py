@@ -1,21 +1,16 @@
-"""Gaussian diffusion with I-DDPM semantics (schedules, respacing, losses, VLB, sampling steps).
+"""Gaussian diffusion with I-DDPM semantics (schedules, respacing, posterior, losses, VLB).
 
-Conventions
------------
-- Images are channels-last NHWC float32 in [-1, 1]; shapes below write them [B, H, W, C], but
-  every function works for any [B, ...] array whose last axis holds the channels.
-- `t` is an int32 array [B] of *indices into this diffusion's own chain* (0 .. T-1, where T is
-  `diff.num_timesteps`, i.e. the number of kept steps after respacing).
-- The network never sees `t` itself: it is fed `diff.model_timesteps[t]` (float32 [B]), the
-  timestep of the original (un-respaced) chain, times 1000 / T_original when
-  `rescale_timesteps` is set.  This is I-DDPM's `_WrappedModel` / `_scale_timesteps`.
-- A model function has the signature `model_fn(x_t [B,H,W,C], model_t [B] float) -> output`
-  where output is [B,H,W,2C] (eps, v) when the variance is learned ("learn_sigma") and
-  [B,H,W,C] (eps) otherwise.  Any conditioning (e.g. DMZ's z) is closed over by the caller.
-- Log-likelihood terms are in nats unless the name says "bpd" (bits per dimension).
-
-Schedule constants are computed in float64 numpy and stored as float32 jnp arrays; the float64
-betas are kept as a static (hashable) field so that respacing is exact.
+Conventions:
+- Images are NHWC float32 in [-1, 1], written [B, H, W, C] (any [B, ..., C] works).
+- `t` is an int32 [B] index into this diffusion's own chain (0 .. T-1, T = diff.num_timesteps,
+  the kept steps after respacing). The network is fed `diff.model_timesteps[t]` (float32 [B]),
+  the original chain's timestep, times 1000 / T_original with `rescale_timesteps` (I-DDPM's
+  `_WrappedModel`).
+- `model_fn(x_t [B,H,W,C], model_t [B]) -> [B,H,W,2C]` (eps, v) with learned variance
+  ("learn_sigma"), else [B,H,W,C]; conditioning (DMZ's z) is closed over by the caller.
+- Log-likelihoods are in nats unless the name says "bpd" (bits per dimension).
+Schedule constants are computed in float64 numpy and stored as float32; the float64 betas are
+kept as a static (hashable) field so that respacing is exact.
 """
 
 from __future__ import annotations
@@ -33,9 +28,7 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 SCHEDULES = ("cosine", "linear")
 
 
-# ----------------------------------------------------------------------------------------------
-# Schedules and respacing (float64 numpy)
-# ----------------------------------------------------------------------------------------------
+# --- Schedules and respacing (float64 numpy)
 
 def cosine_alpha_bar(u: float, s: float = 0.008) -> float:
     """I-DDPM cosine abar(u) = cos^2((u + s) / (1 + s) * pi / 2), u = t / T in [0, 1]."""
@@ -57,11 +50,9 @@ def linear_betas(T: int) -> np.ndarray:
 
 def make_betas(schedule: str, T: int) -> np.ndarray:
     """Named beta schedule, float64 [T]; `schedule` is one of SCHEDULES."""
-    if schedule == "cosine":
-        return cosine_betas(T)
-    if schedule == "linear":
-        return linear_betas(T)
-    raise ValueError(f"unknown beta schedule {schedule!r}; choose one of {SCHEDULES}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown beta schedule {schedule!r}; choose one of {SCHEDULES}")
+    return cosine_betas(T) if schedule == "cosine" else linear_betas(T)
 
 
 def respaced_timesteps(T: int, K: int) -> np.ndarray:
@@ -85,34 +76,24 @@ def respaced_betas(alphas_cumprod: np.ndarray, keep: Sequence[int]) -> np.ndarra
     return 1.0 - kept / prev
 
 
-# ----------------------------------------------------------------------------------------------
-# The Diffusion pytree
-# ----------------------------------------------------------------------------------------------
+# --- The Diffusion pytree
 
 class StaticArray:
     """An immutable numpy array usable as a static pytree field (hash/eq by content)."""
 
     def __init__(self, value):
-        arr = np.array(value)
-        arr.setflags(write=False)
-        self._value = arr
-        self._hash = hash((arr.dtype.str, arr.shape, arr.tobytes()))
-
-    @property
-    def value(self) -> np.ndarray:
-        """A read-only numpy view of the stored array."""
-        return self._value
+        self.value = np.array(value)  # read-only numpy array
+        self.value.setflags(write=False)
+        self._key = (self.value.dtype.str, self.value.shape, self.value.tobytes())
 
     def __hash__(self) -> int:
-        return self._hash
+        return hash(self._key)
 
     def __eq__(self, other) -> bool:
-        return (isinstance(other, StaticArray) and self._hash == other._hash
-                and self._value.dtype == other._value.dtype
-                and np.array_equal(self._value, other._value))
+        return isinstance(other, StaticArray) and self._key == other._key
 
     def __repr__(self) -> str:
-        return f"StaticArray(shape={self._value.shape}, dtype={self._value.dtype})"
+        return f"StaticArray(shape={self.value.shape}, dtype={self.value.dtype})"
 
 
 def _schedule_constants(betas: np.ndarray) -> dict:
@@ -222,16 +203,7 @@ def make_diffusion(schedule: str, T: int, rescale_timesteps: bool = False) -> Di
     return Diffusion.create(make_betas(schedule, T), rescale_timesteps=rescale_timesteps)
 
 
-def respace(diffusion_or_betas, K: int, rescale_timesteps: bool = False) -> Diffusion:
-    """Respace a Diffusion (keeps its rescale flag) or a float64 betas array to K steps."""
-    if isinstance(diffusion_or_betas, Diffusion):
-        return diffusion_or_betas.respace(K)
-    return Diffusion.create(diffusion_or_betas, rescale_timesteps=rescale_timesteps).respace(K)
-
-
-# ----------------------------------------------------------------------------------------------
-# Forward process and posterior
-# ----------------------------------------------------------------------------------------------
+# --- Forward process and posterior
 
 def extract(arr: jax.Array, t: jax.Array, x_shape: Sequence[int]) -> jax.Array:
     """arr[t] for t [B], reshaped to [B, 1, ..., 1] (len(x_shape) axes) for broadcasting."""
@@ -281,24 +253,16 @@ def predict_eps_from_x0(diff: Diffusion, x_t: jax.Array, t: jax.Array,
             / extract(diff.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
 
 
-# ----------------------------------------------------------------------------------------------
-# The reverse process p(x_{t-1} | x_t)
-# ----------------------------------------------------------------------------------------------
+# --- The reverse process p(x_{t-1} | x_t)
 
 def split_model_output(model_output: jax.Array, x_t: jax.Array, learn_sigma: bool):
-    """(eps [B,...,C], v [B,...,C] or None) from a model output of C or 2C channels.
-
-    With learn_sigma the output must have 2C channels; without it, extra channels are ignored.
-    """
-    C = x_t.shape[-1]
-    out_c = model_output.shape[-1]
-    if learn_sigma:
-        if out_c != 2 * C:
-            raise ValueError(f"learn_sigma needs {2 * C} output channels, got {out_c}")
-        return model_output[..., :C], model_output[..., C:]
-    if out_c not in (C, 2 * C):
-        raise ValueError(f"model output has {out_c} channels; expected {C} (or {2 * C})")
-    return model_output[..., :C], None
+    """(eps [B,...,C], v [B,...,C] or None) from a model output of C or 2C channels."""
+    C, out_c = x_t.shape[-1], model_output.shape[-1]
+    allowed = (2 * C,) if learn_sigma else (C, 2 * C)
+    if out_c not in allowed:
+        raise ValueError(f"model output has {out_c} channels; expected one of {allowed} "
+                         f"(learn_sigma={learn_sigma})")
+    return model_output[..., :C], (model_output[..., C:] if learn_sigma else None)
 
 
 def p_mean_variance(diff: Diffusion, model_output: jax.Array, x_t: jax.Array, t: jax.Array, *,
@@ -328,9 +292,7 @@ def p_mean_variance(diff: Diffusion, model_output: jax.Array, x_t: jax.Array, t:
     return dict(mean=mean, variance=var, log_variance=log_var, pred_x0=pred_x0, eps=eps)
 
 
-# ----------------------------------------------------------------------------------------------
-# Likelihood terms
-# ----------------------------------------------------------------------------------------------
+# --- Likelihood terms
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
@@ -384,9 +346,7 @@ def prior_bpd(diff: Diffusion, x0: jax.Array) -> jax.Array:
     return mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / math.log(2.0)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training loss and full NLL
-# ----------------------------------------------------------------------------------------------
+# --- Training loss and full NLL
 
 def training_losses(diff: Diffusion, model_fn: ModelFn, x0: jax.Array, t: jax.Array,
                     noise: jax.Array, *, learn_sigma: bool, vlb_weight: float = 0.001) -> dict:
@@ -438,57 +398,3 @@ def nll_bpd(diff: Diffusion, model_fn: ModelFn, x0: jax.Array, rng: jax.Array, *
     vb, xstart_mse, mse = vb.T, xstart_mse.T, mse.T
     return dict(total_bpd=vb.sum(axis=1) + prior, prior_bpd=prior, vb=vb,
                 xstart_mse=xstart_mse, mse=mse)
-
-
-# ----------------------------------------------------------------------------------------------
-# Single sampling steps (used by dmz_jax.samplers)
-# ----------------------------------------------------------------------------------------------
-
-def _nonzero_mask(t: jax.Array, x_shape) -> jax.Array:
-    """1.0 where t != 0 else 0.0, shaped [B, 1, ..., 1]."""
-    return (t != 0).astype(jnp.float32).reshape((-1,) + (1,) * (len(x_shape) - 1))
-
-
-def ancestral_step(diff: Diffusion, model_output: jax.Array, x_t: jax.Array, t: jax.Array,
-                   noise: jax.Array, clip_denoised: bool, learn_sigma: bool) -> dict:
-    """x_{t-1} = mean + [t != 0] exp(log_var / 2) noise (I-DDPM p_sample).
-
-    Returns dict(sample [B,H,W,C], pred_x0 [B,H,W,C])."""
-    out = p_mean_variance(diff, model_output, x_t, t, learn_sigma=learn_sigma,
-                          clip_denoised=clip_denoised)
-    sample = out["mean"] + _nonzero_mask(t, x_t.shape) * jnp.exp(0.5 * out["log_variance"]) * noise
-    return dict(sample=sample, pred_x0=out["pred_x0"])
-
-
-def ddim_step(diff: Diffusion, model_output: jax.Array, x_t: jax.Array, t: jax.Array,
-              noise: jax.Array, clip_denoised: bool, learn_sigma: bool,
-              eta: float = 0.0) -> dict:
-    """One DDIM step x_t -> x_{t-1} (I-DDPM ddim_sample); eps is re-derived from the (clipped)
-    pred_x0, sigma = eta sqrt((1-abar_prev)/(1-abar)) sqrt(1 - abar/abar_prev), no noise at
-    t == 0.  `noise` may be anything broadcastable when eta == 0.  Returns dict(sample, pred_x0).
-    """
-    out = p_mean_variance(diff, model_output, x_t, t, learn_sigma=learn_sigma,
-                          clip_denoised=clip_denoised)
-    eps = predict_eps_from_x0(diff, x_t, t, out["pred_x0"])
-    abar = extract(diff.alphas_cumprod, t, x_t.shape)
-    abar_prev = extract(diff.alphas_cumprod_prev, t, x_t.shape)
-    sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
-    # 1 - abar_prev - sigma^2 = (1 - abar_prev)^2 abar / ((1 - abar) abar_prev) >= 0; the max
-    # only guards float32 rounding at the last step (abar ~ 1e-9), where it can dip below 0.
-    mean = (out["pred_x0"] * jnp.sqrt(abar_prev)
-            + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma ** 2, 0.0)) * eps)
-    sample = mean + _nonzero_mask(t, x_t.shape) * sigma * noise
-    return dict(sample=sample, pred_x0=out["pred_x0"])
-
-
-def ddim_reverse_step(diff: Diffusion, model_output: jax.Array, x_t: jax.Array, t: jax.Array,
-                      clip_denoised: bool, learn_sigma: bool) -> dict:
-    """One deterministic DDIM inversion step x_t -> x_{t+1} (I-DDPM ddim_reverse_sample,
-    eta = 0); at the last step abar_next = 0, so the result is the re-derived eps.
-    Returns dict(sample, pred_x0)."""
-    out = p_mean_variance(diff, model_output, x_t, t, learn_sigma=learn_sigma,
-                          clip_denoised=clip_denoised)
-    eps = predict_eps_from_x0(diff, x_t, t, out["pred_x0"])
-    abar_next = extract(diff.alphas_cumprod_next, t, x_t.shape)
-    sample = out["pred_x0"] * jnp.sqrt(abar_next) + jnp.sqrt(1.0 - abar_next) * eps
-    return dict(sample=sample, pred_x0=out["pred_x0"])

@@ -1,17 +1,16 @@
-"""Image grids and PNG files, with numpy and zlib only."""
+"""Image grids and PNG files (PNG encoding by TensorFlow, which the input pipeline loads anyway)."""
 
 from __future__ import annotations
 
 import math
-import struct
-import zlib
 
 import numpy as np
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[..., C] floats in [-1, 1] -> uint8 in [0, 255] (rounded, clipped)."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    x = (np.asarray(images, np.float32) + 1.0) * 127.5
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
@@ -27,21 +26,7 @@ def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> n
     return grid
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """[H, W, C] uint8 with C in {1, 3, 4} -> PNG bytes (8-bit, no filtering)."""
-    h, w, c = image.shape
-    color_type = {1: 0, 3: 2, 4: 6}[c]
-    raw = b"".join(b"\x00" + image[y].tobytes() for y in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + tag + data
-                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
-
-    header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-
-
 def save_png(path: str, image: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        f.write(encode_png(image))
+    """Writes [H, W, C] uint8 (C in 1, 3, 4) to `path` (local or gs://)."""
+    import tensorflow as tf
+    tf.io.write_file(path, tf.io.encode_png(image))

@@ -1,7 +1,7 @@
-"""Command line: python -m dmz_jax.main --config=configs/X.py --workdir=DIR [--mode=...].
+"""Command line: python -m dmz_jax.main --config=configs/X.py[:variant] --workdir=DIR [--mode=...].
 
-Modes: train (default) trains, resuming from WORKDIR, then samples and probes;
-describe prints the parameter tables without touching data.
+Modes: train (default) trains, resuming from WORKDIR, then samples and probes; describe
+prints the parameter table without touching data or devices.
 Overrides: --config.training.num_steps=100 and so on (ml_collections).
 """
 
@@ -11,8 +11,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "A config file in configs/, optionally with "
+                                "a variant: configs/fashion_mnist.py:tiny.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs, samples and summary.json go.")
 flags.DEFINE_enum("mode", "train", ["train", "describe"], "What to do.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host: "
@@ -22,33 +22,41 @@ flags.DEFINE_bool("fresh", False, "Move the workdir's checkpoints to checkpoints
 flags.mark_flags_as_required(["config"])
 
 
-def main(argv):
-    del argv
+def _refuse(error: Exception) -> int:
+    print(f"\nERROR: {error}", file=sys.stderr)
+    return 2
+
+
+def describe(config) -> int:
+    """Checks the config without device facts and prints the parameter table."""
+    from dmz_jax import config_checks, describe as describe_lib
+    try:
+        config_checks.check_config(config)
+    except config_checks.ConfigError as e:
+        return _refuse(e)
+    print(describe_lib.describe(config))
+    return 0
+
+
+def train(config) -> int:
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required for --mode=train.")
     if FLAGS.distributed:
         import jax
         jax.distributed.initialize()
-    config = FLAGS.config
-    from dmz_jax import config_validation
+    from dmz_jax import checkpointing, config_checks, data
+    from dmz_jax import train as train_lib  # imports TensorFlow: keep describe fast
     try:
-        config_validation.validate_config(config)
-    except config_validation.ConfigError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
-    if FLAGS.mode == "describe":
-        from dmz_jax import describe
-        print(describe.describe(config))
-        return 0
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required for --mode=train.")
-    from dmz_jax import train  # imports jax and tensorflow: keep describe fast
-    from dmz_jax import checkpointing, input_pipeline
-    try:
-        train.train_and_evaluate(config, FLAGS.workdir, fresh=FLAGS.fresh)
-    except (input_pipeline.DatasetNotFoundError, checkpointing.ConfigMismatchError,
-            train.NonFiniteError) as e:
-        print(f"\nERROR: {e}", file=sys.stderr)
-        return 2
+        train_lib.train_and_evaluate(config, FLAGS.workdir, fresh=FLAGS.fresh)
+    except (config_checks.ConfigError, data.DatasetNotFoundError,
+            checkpointing.ConfigMismatchError, train_lib.NonFiniteError) as e:
+        return _refuse(e)
     return 0
+
+
+def main(argv):
+    del argv
+    return {"describe": describe, "train": train}[FLAGS.mode](FLAGS.config)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dmz_jax.networks import latent as latent_lib
+from dmz_jax.networks.latent import Encoding
 from dmz_jax.networks.unet import Conditioning, Encoder, UNet
 
 CONDITIONINGS = ("cross_attention", "time_embedding", "none")
@@ -52,10 +53,10 @@ class DMZ(nn.Module):
     """Diffusion autoencoder.
 
     Call conventions (images NHWC in [-1, 1], t the network timestep, float [B]):
-      encode(x, mode)              -> z [B, latent_dim]   ("encode": exact 0/1 bits)
-      denoise(x_t, t, z, train)    -> [B, H, W, C or 2C]  (eps, and the variance value v)
-      __call__(x0, x_t, t, train)  -> denoise(x_t, t, encode(x0, "train"), train)
-    Stochastic modes draw from the "latent" rng stream; dropout from "dropout".
+      encode(x, encoding=DETERMINISTIC, train=False) -> z [B, latent_dim] (exact 0/1 bits)
+      denoise(x_t, t, z, train=False)  -> [B, H, W, C or 2C]  (eps, and the variance value v)
+      __call__(x0, x_t, t, train)      -> denoise(x_t, t, encode(x0, encoding=TRAIN), train)
+    Stochastic encodings draw from the "latent" rng stream; dropout from "dropout".
     """
 
     denoiser: UNet
@@ -65,7 +66,7 @@ class DMZ(nn.Module):
     token_dim: int = 128
     token_mlp: bool = False
     token_init_scale: float = 1.0
-    binary_estimator: str = "bernoulli"  # "train" draws b ~ Bernoulli(p), or 1[p > 0.5]
+    binary_estimator: str = "bernoulli"  # training bits: b ~ Bernoulli(p), or "threshold"
 
     @property
     def uses_latent(self) -> bool:
@@ -81,12 +82,13 @@ class DMZ(nn.Module):
         elif self.conditioning == "time_embedding":
             self.z_time = nn.Dense(4 * self.denoiser.model_channels)
 
-    def encode(self, x: jax.Array, mode: str = "encode", train: bool = False) -> jax.Array:
+    def encode(self, x: jax.Array, *, encoding: Encoding = Encoding.DETERMINISTIC,
+               train: bool = False) -> jax.Array:
+        """Images [B, H, W, C] -> z [B, latent_dim]; `train` switches the encoder's dropout."""
         logits = self.encoder(x, train=train)
-        if mode == "train" and self.binary_estimator == "threshold":
-            mode = "train_threshold"
-        rng = self.make_rng("latent") if mode in ("train", "sample") else None
-        return latent_lib.get_latent_type(self.latent_type).from_logits(logits, rng, mode)
+        rng = self.make_rng("latent") if encoding.needs_rng else None
+        return latent_lib.get_latent_type(self.latent_type).from_logits(
+            logits, rng, encoding, self.binary_estimator)
 
     def encode_logits(self, x: jax.Array) -> jax.Array:
         return self.encoder(x, train=False)
@@ -98,14 +100,19 @@ class DMZ(nn.Module):
             return Conditioning(tokens=self.z_tokens(z))
         return Conditioning(time=self.z_time(z))
 
-    def denoise(self, x_t: jax.Array, t: jax.Array, z: Optional[jax.Array],
+    def denoise(self, x_t: jax.Array, t: jax.Array, z: Optional[jax.Array], *,
                 train: bool = False) -> jax.Array:
         return self.denoiser(x_t, t, self._conditioning(z), train=train)
 
     def __call__(self, x0: jax.Array, x_t: jax.Array, t: jax.Array,
                  train: bool = False) -> jax.Array:
-        z = self.encode(x0, "train", train) if self.uses_latent else None
-        return self.denoise(x_t, t, z, train)
+        z = self.encode(x0, encoding=Encoding.TRAIN, train=train) if self.uses_latent else None
+        return self.denoise(x_t, t, z, train=train)
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(H, W, C) of the images the model sees."""
+    return (config.data.image_size, config.data.image_size, config.data.channels)
 
 
 def resolutions_to_ds(image_size: int, resolutions) -> tuple[int, ...]:

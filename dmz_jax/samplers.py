@@ -20,6 +20,58 @@ from dmz_jax.diffusion import Diffusion, ModelFn
 METHODS = ("ancestral", "ddim")
 
 
+# --- Single steps
+
+def _nonzero_mask(t: jax.Array, x_shape) -> jax.Array:
+    """1.0 where t != 0 else 0.0, shaped [B, 1, ..., 1]."""
+    return (t != 0).astype(jnp.float32).reshape((-1,) + (1,) * (len(x_shape) - 1))
+
+
+def ancestral_step(diff: Diffusion, model_output: jax.Array, x_t: jax.Array, t: jax.Array,
+                   noise: jax.Array, clip_denoised: bool, learn_sigma: bool) -> dict:
+    """x_{t-1} = mean + [t != 0] exp(log_var / 2) noise (I-DDPM p_sample).
+
+    Returns dict(sample [B,H,W,C], pred_x0 [B,H,W,C])."""
+    out = dfn.p_mean_variance(diff, model_output, x_t, t, learn_sigma=learn_sigma,
+                              clip_denoised=clip_denoised)
+    sample = out["mean"] + _nonzero_mask(t, x_t.shape) * jnp.exp(0.5 * out["log_variance"]) * noise
+    return dict(sample=sample, pred_x0=out["pred_x0"])
+
+
+def ddim_step(diff: Diffusion, model_output: jax.Array, x_t: jax.Array, t: jax.Array,
+              noise: jax.Array, clip_denoised: bool, learn_sigma: bool,
+              eta: float = 0.0) -> dict:
+    """One DDIM step x_t -> x_{t-1} (I-DDPM ddim_sample); eps is re-derived from the (clipped)
+    pred_x0, sigma = eta sqrt((1-abar_prev)/(1-abar)) sqrt(1 - abar/abar_prev), no noise at
+    t == 0.  `noise` may be anything broadcastable when eta == 0.  Returns dict(sample, pred_x0).
+    """
+    out = dfn.p_mean_variance(diff, model_output, x_t, t, learn_sigma=learn_sigma,
+                              clip_denoised=clip_denoised)
+    eps = dfn.predict_eps_from_x0(diff, x_t, t, out["pred_x0"])
+    abar = dfn.extract(diff.alphas_cumprod, t, x_t.shape)
+    abar_prev = dfn.extract(diff.alphas_cumprod_prev, t, x_t.shape)
+    sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
+    # 1 - abar_prev - sigma^2 = (1 - abar_prev)^2 abar / ((1 - abar) abar_prev) >= 0; the max
+    # only guards float32 rounding at the last step (abar ~ 1e-9), where it can dip below 0.
+    mean = (out["pred_x0"] * jnp.sqrt(abar_prev)
+            + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma ** 2, 0.0)) * eps)
+    sample = mean + _nonzero_mask(t, x_t.shape) * sigma * noise
+    return dict(sample=sample, pred_x0=out["pred_x0"])
+
+
+def ddim_reverse_step(diff: Diffusion, model_output: jax.Array, x_t: jax.Array, t: jax.Array,
+                      clip_denoised: bool, learn_sigma: bool) -> dict:
+    """One deterministic DDIM inversion step x_t -> x_{t+1} (I-DDPM ddim_reverse_sample,
+    eta = 0); at the last step abar_next = 0, so the result is the re-derived eps.
+    Returns dict(sample, pred_x0)."""
+    out = dfn.p_mean_variance(diff, model_output, x_t, t, learn_sigma=learn_sigma,
+                              clip_denoised=clip_denoised)
+    eps = dfn.predict_eps_from_x0(diff, x_t, t, out["pred_x0"])
+    abar_next = dfn.extract(diff.alphas_cumprod_next, t, x_t.shape)
+    sample = out["pred_x0"] * jnp.sqrt(abar_next) + jnp.sqrt(1.0 - abar_next) * eps
+    return dict(sample=sample, pred_x0=out["pred_x0"])
+
+
 def _step_t(diff: Diffusion, i: jax.Array, batch: int, reverse: bool = True):
     """(t int32 [B], model_t float32 [B]) for loop counter i; reverse walks T-1 .. 0."""
     t_scalar = diff.num_timesteps - 1 - i if reverse else i
@@ -37,7 +89,7 @@ def ancestral_sample(diff: Diffusion, model_fn: ModelFn, shape: Sequence[int],
     def body(i, x):
         t, model_t = _step_t(diff, i, shape[0])
         noise = jax.random.normal(jax.random.fold_in(loop_key, i), shape, jnp.float32)
-        return dfn.ancestral_step(diff, model_fn(x, model_t), x, t, noise,
+        return ancestral_step(diff, model_fn(x, model_t), x, t, noise,
                                   clip_denoised, learn_sigma)["sample"]
 
     return jax.lax.fori_loop(0, diff.num_timesteps, body, x)
@@ -63,7 +115,7 @@ def ddim_sample(diff: Diffusion, model_fn: ModelFn, shape: Sequence[int],
         t, model_t = _step_t(diff, i, shape[0])
         noise = (jax.random.normal(jax.random.fold_in(loop_key, i), shape, jnp.float32)
                  if stochastic else jnp.zeros(shape, jnp.float32))
-        return dfn.ddim_step(diff, model_fn(x, model_t), x, t, noise, clip_denoised,
+        return ddim_step(diff, model_fn(x, model_t), x, t, noise, clip_denoised,
                              learn_sigma, eta)["sample"]
 
     return jax.lax.fori_loop(0, diff.num_timesteps, body, x)
@@ -76,7 +128,7 @@ def ddim_invert(diff: Diffusion, model_fn: ModelFn, x0: jax.Array, *, learn_sigm
 
     def body(i, x):
         t, model_t = _step_t(diff, i, x0.shape[0], reverse=False)
-        return dfn.ddim_reverse_step(diff, model_fn(x, model_t), x, t, clip_denoised,
+        return ddim_reverse_step(diff, model_fn(x, model_t), x, t, clip_denoised,
                                      learn_sigma)["sample"]
 
     return jax.lax.fori_loop(0, diff.num_timesteps, body, x0)

@@ -17,8 +17,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 def tiny_config():
     """The offline default shrunk to a U-Net that compiles in seconds."""
-    import tiny_config as tiny_module  # tests/ is on sys.path
-    return tiny_module.get_config()
+    from configs import fashion_mnist
+    return fashion_mnist.get_config("tiny")
 
 
 @pytest.fixture

@@ -135,9 +135,9 @@ def test_respaced_betas_keep_alphas_cumprod(cos1000):
     assert r.num_timesteps == 10 and r.original_num_timesteps == 1000
     np.testing.assert_array_equal(np.asarray(r.model_timesteps), keep.astype(np.float32))
     # Module-level respace from raw betas, with timestep rescaling.
-    r2 = d.respace(d.cosine_betas(1000), 10, rescale_timesteps=True)
+    r2 = d.Diffusion.create(d.cosine_betas(1000), rescale_timesteps=True).respace(10)
     np.testing.assert_allclose(np.asarray(r2.model_timesteps), keep.astype(np.float32))
-    r3 = d.respace(d.linear_betas(500), 5, rescale_timesteps=True)
+    r3 = d.Diffusion.create(d.linear_betas(500), rescale_timesteps=True).respace(5)
     np.testing.assert_allclose(np.asarray(r3.model_timesteps),
                                d.respaced_timesteps(500, 5) * 2.0)
 

@@ -88,37 +88,65 @@ def test_cifar10_denoiser_matches_iddpm_parameter_count():
 
 def test_binary_latent_encode_is_exact_bits_and_train_passes_gradients():
     logits = jnp.array([[-3.0, -0.1, 0.2, 4.0]])
-    z = latent.binary_from_logits(logits, None, "encode")
+    z = latent.binary_from_logits(logits, None, latent.Encoding.DETERMINISTIC)
     np.testing.assert_array_equal(z, [[0, 0, 1, 1]])
     rng = jax.random.PRNGKey(1)
-    z_train = latent.binary_from_logits(jnp.tile(logits, (64, 1)), rng, "train")
-    assert set(np.unique(np.asarray(z_train)).tolist()) <= {0.0, 1.0}
+    train = latent.Encoding.TRAIN
+    z_train = latent.binary_from_logits(jnp.tile(logits, (64, 1)), rng, train)
+    assert set(np.unique(np.asarray(z_train)).tolist()) == {0.0, 1.0}
     # straight-through: d z / d logits = sigmoid'(logits), whatever was sampled
-    grad = jax.grad(lambda l: jnp.sum(latent.binary_from_logits(l, rng, "train")))(logits)
     p = jax.nn.sigmoid(logits)
-    np.testing.assert_allclose(grad, p * (1 - p), rtol=1e-6)
+    for estimator in ("bernoulli", "threshold"):
+        grad = jax.grad(lambda l: jnp.sum(latent.binary_from_logits(l, rng, train, estimator)))(
+            logits)
+        np.testing.assert_allclose(grad, p * (1 - p), rtol=1e-6)
+    # the threshold estimator's value is the deterministic code
+    np.testing.assert_array_equal(latent.binary_from_logits(logits, None, train, "threshold"), z)
     prior = latent.binary_prior(rng, 1000, 16)
     assert set(np.unique(np.asarray(prior)).tolist()) == {0.0, 1.0}
     assert abs(float(prior.mean()) - 0.5) < 0.02
 
 
-def test_unet_shapes_and_cross_attention_starts_as_identity(tiny):
+def test_cross_attention_is_the_identity_at_initialisation():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 16))
+    tokens = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 12))
+    layer = layers.CrossAttention(num_heads=2, num_groups=8)
+    variables = layer.init(jax.random.PRNGKey(2), x, tokens)
+    np.testing.assert_array_equal(layer.apply(variables, x, tokens), x)
+    # not trivially: with a non-zero output projection the tokens change the output
+    out = variables["params"]["proj_out"]
+    moved = {"params": {**variables["params"],
+                        "proj_out": {**out, "kernel": out["kernel"] + 0.1}}}
+    assert not np.allclose(layer.apply(moved, x, tokens), x)
+
+
+def test_unet_shapes_and_z_enters_only_through_cross_attention(tiny):
     model = model_lib.create_model(tiny)
-    params = model_lib.init_params(model, jax.random.PRNGKey(0), (32, 32, 1))
+    params = jax.jit(lambda key: model_lib.init_params(model, key, (32, 32, 1)))(
+        jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 1))
     t = jnp.array([0.0, 10.0, 49.0])
     z0, z1 = jnp.zeros((3, 8)), jnp.ones((3, 8))
 
+    @jax.jit
     def denoise(p, z):
         return model.apply({"params": p}, x, t, z, method=model_lib.DMZ.denoise)
 
-    out = denoise(params, z0)
-    assert out.shape == (3, 32, 32, 2)  # eps and v
-    # the output conv and cross-attention projections start at zero; perturb them
-    perturbed = jax.tree_util.tree_map_with_path(
-        lambda path, p: p + 0.05 if "proj_out" in str(path) or "out_conv" in str(path) else p,
-        params)
-    assert not np.allclose(denoise(perturbed, z0), denoise(perturbed, z1))
+    assert denoise(params, z0).shape == (3, 32, 32, 2)  # eps and v
+
+    def shifted(p, name):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: leaf + 0.05 if name in str(path) else leaf, p)
+
+    # the output conv starts at zero: open it, and the output depends on x but not on z,
+    # because every cross-attention starts as the identity
+    opened = shifted(params, "out_conv")
+    out = denoise(opened, z0)
+    assert np.abs(out).max() > 0
+    np.testing.assert_array_equal(out, denoise(opened, z1))
+    # open the cross-attention output projections too: now z changes the output
+    opened = shifted(opened, "proj_out")
+    assert not np.allclose(denoise(opened, z0), denoise(opened, z1))
     names = {"/".join(k.key for k in path) for path, _ in
              jax.tree_util.tree_leaves_with_path(params)}
     assert any("mid_cross_attn" in n for n in names)

@@ -170,22 +170,22 @@ def test_step_functions_at_t0_add_no_noise(spaced):
     eps = jnp.zeros_like(x)
     t = jnp.array([0, 0])
     big = jnp.full_like(x, 100.0)
-    a = d.ancestral_step(spaced, eps, x, t, big, True, False)["sample"]
-    b = d.ddim_step(spaced, eps, x, t, big, True, False, eta=1.0)["sample"]
+    a = s.ancestral_step(spaced, eps, x, t, big, True, False)["sample"]
+    b = s.ddim_step(spaced, eps, x, t, big, True, False, eta=1.0)["sample"]
     # At t = 0 with eps = 0: pred_x0 = x / sqrt(abar_0), and the step returns it (coef2 = 0).
     want = 0.3 / math.sqrt(float(spaced.alphas_cumprod64()[0]))
     np.testing.assert_allclose(np.asarray(a), want, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(b), want, rtol=1e-5)
     # At t > 0 the noise enters with std exp(log_var / 2) (ancestral) or sigma (DDIM).
     t1 = jnp.array([4, 4])
-    a1 = d.ancestral_step(spaced, eps, x, t1, big, False, False)["sample"]
-    a0 = d.ancestral_step(spaced, eps, x, t1, jnp.zeros_like(x), False, False)["sample"]
+    a1 = s.ancestral_step(spaced, eps, x, t1, big, False, False)["sample"]
+    a0 = s.ancestral_step(spaced, eps, x, t1, jnp.zeros_like(x), False, False)["sample"]
     beta4 = float(spaced.betas64.value[4])
     np.testing.assert_allclose(np.asarray(a1 - a0), 100 * math.sqrt(beta4), rtol=1e-4)
     abar = spaced.alphas_cumprod64()
     sigma = math.sqrt((1 - abar[3]) / (1 - abar[4]) * (1 - abar[4] / abar[3]))
-    b1 = d.ddim_step(spaced, eps, x, t1, big, False, False, eta=1.0)["sample"]
-    b0 = d.ddim_step(spaced, eps, x, t1, jnp.zeros_like(x), False, False, eta=1.0)["sample"]
+    b1 = s.ddim_step(spaced, eps, x, t1, big, False, False, eta=1.0)["sample"]
+    b0 = s.ddim_step(spaced, eps, x, t1, jnp.zeros_like(x), False, False, eta=1.0)["sample"]
     np.testing.assert_allclose(np.asarray(b1 - b0), 100 * sigma, rtol=1e-4)
 
 
@@ -196,10 +196,10 @@ def test_ddim_steps_rederive_eps_from_clipped_x0(spaced):
     t = jnp.array([5])
     abar = spaced.alphas_cumprod64()
     eps_hat = (3.0 / math.sqrt(abar[5]) - 1.0) / math.sqrt(1 / abar[5] - 1)  # pred_x0 -> 1
-    fwd = d.ddim_step(spaced, eps, x, t, jnp.zeros_like(x), True, False)
+    fwd = s.ddim_step(spaced, eps, x, t, jnp.zeros_like(x), True, False)
     assert float(fwd["pred_x0"][0, 0, 0, 0]) == 1.0
     assert float(fwd["sample"][0, 0, 0, 0]) == pytest.approx(
         math.sqrt(abar[4]) + math.sqrt(1 - abar[4]) * eps_hat, rel=1e-5)
-    rev = d.ddim_reverse_step(spaced, eps, x, t, True, False)
+    rev = s.ddim_reverse_step(spaced, eps, x, t, True, False)
     assert float(rev["sample"][0, 0, 0, 0]) == pytest.approx(
         math.sqrt(abar[6]) + math.sqrt(1 - abar[6]) * eps_hat, rel=1e-5)

@@ -11,7 +11,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import tiny_config
-from dmz_jax import checkpointing, input_pipeline, sharding, train
+from dmz_jax import checkpointing, data, sharding, train
+from dmz_jax import train_state as ts
+from dmz_jax.model import DMZ, create_model, init_params
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def finished_run(tmp_path_factory):
     run = train.Run(config, workdir)
     state, loss, preempted = train.train(run, run.initial_state())
     assert not preempted
-    summary = {"step": int(state.step), "train_loss": loss, **train.evaluate(run, state)}
+    summary = {"train_loss": loss, **run.evaluate(state)}
     run.close()
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f)
@@ -77,23 +79,23 @@ def test_rerun_resumes_from_the_latest_checkpoint(finished_run, tmp_path, caplog
 
 
 def _steps_on_mesh(config, mesh, batches):
-    model, diff = train.create_model(config), train.make_diffusion(config)
-    tx = train.make_optimizer(config.training)
+    model, diff = create_model(config), ts.make_diffusion(config)
+    tx = ts.make_optimizer(config.training)
     state_sharding = sharding.replicated(mesh)
-    state = jax.jit(lambda: train.create_train_state(config, model, tx),
+    state = jax.jit(lambda: ts.create_train_state(config, model, tx),
                     out_shardings=state_sharding)()
-    step_fn = train.compile_train_step(config, model, diff, tx, mesh, state_sharding)
+    step_fn = ts.compile_train_step(config, model, diff, tx, mesh, state_sharding)
     metrics = []
     for batch in batches:
         state, m = step_fn(state, sharding.global_batch(batch, mesh))
-        metrics.append(jax.device_get(m))
+        metrics.append(jax.device_get(m["metrics"].compute()))
     return jax.device_get(state), metrics
 
 
 def test_eight_devices_match_one_device():
     assert jax.device_count() == 8
     config = tiny_config()
-    it = input_pipeline.train_iterator(config.data, batch_size=8, seed=0)
+    it = data.train_iterator(config.data, batch_size=8, seed=0)
     batches = [next(it) for _ in range(3)]
     state8, metrics8 = _steps_on_mesh(config, sharding.create_mesh(), batches)
     state1, metrics1 = _steps_on_mesh(config, sharding.create_mesh(devices=jax.devices()[:1]),
@@ -107,8 +109,8 @@ def test_eight_devices_match_one_device():
     assert metrics1[0]["encoder_grad_norm"] == 0.0
     assert metrics1[2]["encoder_grad_norm"] > 0.0
     assert not np.allclose(state1.params["encoder"]["to_logits"]["kernel"],
-                           train.create_train_state(config, train.create_model(config),
-                                                    train.make_optimizer(config.training))
+                           ts.create_train_state(config, create_model(config),
+                                                    ts.make_optimizer(config.training))
                            .params["encoder"]["to_logits"]["kernel"])
 
 
@@ -116,17 +118,12 @@ def test_eight_devices_match_one_device():
                                                       ("celeba64", (64, 64, 3))])
 def test_one_train_step_on_mock_data(config_name, image_shape, tmp_path, monkeypatch):
     import importlib
-    config = importlib.import_module(f"configs.{config_name}").get_config()
+    from dmz_jax.data import tfds_source
+    config = importlib.import_module(f"configs.{config_name}").get_config("tiny")
     config.data.data_dir = str(tmp_path)
-    config.model.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                        num_heads=2, num_groups=8, latent_dim=8, token_dim=16)
-    config.model.attention_resolutions = (image_shape[0] // 2,)
-    config.model.encoder.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1)
-    config.diffusion.num_timesteps = 20
-    config.training.batch_size = 8
-    monkeypatch.setattr(input_pipeline, "_is_prepared", lambda builder: True)
+    monkeypatch.setattr(tfds_source, "is_prepared", lambda builder: True)
     with tfds.testing.mock_data(num_examples=16):
-        it = input_pipeline.train_iterator(config.data, batch_size=8, seed=0)
+        it = data.train_iterator(config.data, batch_size=8, seed=0)
         batch = next(it)
     assert batch["image"].shape == (8, *image_shape)
     state, metrics = _steps_on_mesh(config, sharding.create_mesh(), [batch])
@@ -135,26 +132,25 @@ def test_one_train_step_on_mock_data(config_name, image_shape, tmp_path, monkeyp
 
 def test_centering_makes_every_bit_split_the_images_evenly():
     config = tiny_config()
-    model = train.create_model(config)
-    params = train.init_params(model, jax.random.PRNGKey(0), (32, 32, 1))
-    images = input_pipeline.load_split(config.data, "train", 64)["image"]
-    encode = jax.jit(lambda p: model.apply({"params": p}, images, "encode",
-                                           method=train.DMZ.encode))
+    model = create_model(config)
+    params = init_params(model, jax.random.PRNGKey(0), (32, 32, 1))
+    images = data.load_split(config.data, "train", 64)["image"]
+    encode = jax.jit(lambda p: model.apply({"params": p}, images, method=DMZ.encode))
     before = np.asarray(encode(params)).mean(0)
-    after = np.asarray(encode(train.center_encoder_logits(model, params, images))).mean(0)
+    after = np.asarray(encode(ts.center_encoder_logits(model, params, images))).mean(0)
     np.testing.assert_array_equal(after, np.full(8, 0.5))
     assert not np.array_equal(before, after)
 
 
 def test_encoder_lr_scale_scales_only_the_encoder_update():
     config = tiny_config()
-    model = train.create_model(config)
-    params = train.init_params(model, jax.random.PRNGKey(0), (32, 32, 1))
+    model = create_model(config)
+    params = init_params(model, jax.random.PRNGKey(0), (32, 32, 1))
     grads = jax.tree.map(jnp.ones_like, params)
     updates = {}
     for scale in (1.0, 0.25):
         config.training.encoder_lr_scale = scale
-        tx = train.make_optimizer(config.training)
+        tx = ts.make_optimizer(config.training)
         updates[scale], _ = tx.update(grads, tx.init(params), params)
     enc1, enc = updates[1.0]["encoder"]["to_logits"]["bias"], updates[0.25]["encoder"]["to_logits"]["bias"]
     np.testing.assert_allclose(enc, 0.25 * enc1, rtol=1e-6)

@@ -22,21 +22,19 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dmz_jax import fashion_mnist_local  # noqa: E402  (after the sys.path fix)
+from dmz_jax.data import fashion_mnist, specs  # noqa: E402  (after the sys.path fix)
 
 NUM_TRAIN = 10_000
 NUM_TEST = 2_000
 MAX_BYTES = 6 * 1024 * 1024
-DEFAULT_OUT = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "dmz_jax", "data", "fashion_mnist_subset.npz"
-)
+DEFAULT_OUT = specs.BUNDLED_PATH
 
 
 def make_subset(source_dir: str, out_path: str) -> int:
     """Reads the IDX files in `source_dir`, writes the subset to `out_path`; returns its bytes."""
     arrays = {}
     for split, n in (("train", NUM_TRAIN), ("test", NUM_TEST)):
-        images, labels = fashion_mnist_local.load_split(source_dir, split)
+        images, labels = fashion_mnist.read_split(source_dir, split)
         if len(labels) < n:
             raise ValueError(f"{source_dir}: split {split} has {len(labels)} < {n} examples")
         arrays[f"{split}_images"] = np.ascontiguousarray(images[:n], dtype=np.uint8)
@@ -51,7 +49,7 @@ def make_subset(source_dir: str, out_path: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source_dir", default=fashion_mnist_local.DEBIAN_DIR)
+    parser.add_argument("--source_dir", default=specs.DEBIAN_DIR)
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     size = make_subset(args.source_dir, args.out)

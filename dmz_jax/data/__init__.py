@@ -1,0 +1,55 @@
+"""Datasets as numpy batches of images in [-1, 1]: fashion_mnist, cifar10, celeb_a, image_folder.
+
+data_cfg: config.data (dmz_jax/config_base.py), checked by the config checks. No TensorFlow at
+import: each function imports the module that reads data_cfg.name when called.
+"""
+
+from dmz_jax.data.specs import DatasetInfo, DatasetNotFoundError, ImageFolderError
+
+__all__ = ["DatasetInfo", "DatasetNotFoundError", "ImageFolderError", "dataset_info",
+           "train_iterator", "load_split"]
+
+
+def _source(data_cfg):
+    if data_cfg.name == "fashion_mnist":
+        from dmz_jax.data import fashion_mnist as source
+    elif data_cfg.name == "image_folder":
+        from dmz_jax.data import image_folder as source
+    else:
+        from dmz_jax.data import tfds_source as source
+    return source
+
+
+def dataset_info(data_cfg) -> DatasetInfo:
+    """Cheap (an image folder is scanned once); never downloads unless data.download.
+
+    Raises DatasetNotFoundError, whose message has the numbered steps to get the data.
+    """
+    return _source(data_cfg).dataset_info(data_cfg)
+
+
+def train_iterator(data_cfg, *, batch_size: int, seed: int, process_index=None,
+                   process_count=None, start_step: int = 0):
+    """Infinite iterator of numpy batches {"image": float32 [B, S, S, C] in [-1, 1], "label":
+    int32 [B]} (+ "attributes": int32 [B, 40] for celeb_a); B = batch_size, per process.
+
+    Each process (default: jax's) reads its own equal share of the train split, reshuffled every
+    epoch, deterministic in (seed, process). Batch start_step is exactly what an iterator
+    started at 0 yields after start_step batches (skipped ones are not decoded): resumed
+    training is bit-exact. Raises DatasetNotFoundError at the call, not at the first next().
+    """
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    from dmz_jax.data import pipeline
+    return pipeline.train_iterator(_source(data_cfg), data_cfg, batch_size=batch_size,
+                                   seed=seed, process_index=process_index,
+                                   process_count=process_count, start_step=start_step)
+
+
+def load_split(data_cfg, split: str, max_examples=None) -> dict:
+    """The first max_examples (None: all) of `split`, in a fixed order, the same in every
+    process; no augmentation. Returns numpy arrays as a train_iterator batch, N of them."""
+    from dmz_jax.data import pipeline
+    return pipeline.load_split(_source(data_cfg), data_cfg, split, max_examples)
