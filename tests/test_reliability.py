@@ -77,6 +77,7 @@ def test_nonfinite_step_is_skipped_and_counted():
                               after.params["denoiser"]["out_conv"]["kernel"])
 
 
+@pytest.mark.slow  # end-to-end training run
 def test_nonfinite_streak_stops_the_run_naming_the_steps(tmp_path, monkeypatch):
     config = tiny_config()
     config.training.num_steps, config.training.max_nonfinite_steps = 6, 3
@@ -122,6 +123,7 @@ def _copy(src, tmp_path):
     return dest
 
 
+@pytest.mark.slow  # end-to-end training run
 def test_corrupt_checkpoint_is_skipped_with_a_warning(two_checkpoints, tmp_path, caplog):
     workdir, config = two_checkpoints
     workdir = _copy(workdir, tmp_path)
@@ -140,6 +142,7 @@ def test_corrupt_checkpoint_is_skipped_with_a_warning(two_checkpoints, tmp_path,
     assert len(moved) == 1 and moved[0].startswith("2-")
 
 
+@pytest.mark.slow  # end-to-end training run
 def test_checkpoint_of_another_model_is_refused_with_a_diff(two_checkpoints, tmp_path):
     workdir, config = two_checkpoints
     workdir = _copy(workdir, tmp_path)
@@ -213,6 +216,7 @@ def _trained_steps(workdir):
         if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
 
 
+@pytest.mark.slow  # training subprocesses
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
     steps, kills = 14, int(os.environ.get("DMZ_FAULT_KILLS", "3"))
     cache, rng = str(tmp_path / "cache"), random.Random(0)
@@ -243,6 +247,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
         assert killed_mid_write >= 1
 
 
+@pytest.mark.slow  # training subprocesses
 def test_sigterm_checkpoints_the_current_step_and_exits_zero(tmp_path):
     workdir, log = str(tmp_path / "work"), str(tmp_path / "log.txt")
     proc = _start(workdir, 10_000, str(tmp_path / "cache"), log,
@@ -258,6 +263,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(tmp_path):
     assert f"Stopped at step {steps[0]} after a signal" in text
 
 
+@pytest.mark.slow  # training subprocesses
 def test_second_signal_exits_at_once_and_leaves_a_loadable_checkpoint(tmp_path):
     workdir, log, cache = str(tmp_path / "work"), str(tmp_path / "log.txt"), str(tmp_path / "c")
     proc = _start(workdir, 30, cache, log)

@@ -31,12 +31,16 @@ def finished_run(tmp_path_factory):
     return workdir, summary, jax.device_get(state)
 
 
+@pytest.mark.slow  # end-to-end training run
 def test_end_to_end_writes_checkpoints_logs_samples_and_probe(finished_run):
     workdir, summary, state = finished_run
     assert summary["step"] == 4 and int(state.step) == 4
     assert np.isfinite(summary["train_loss"])
-    assert 0.0 <= summary["probe_accuracy"] <= 1.0
-    assert 0.0 <= summary["probe_accuracy_at_init"] <= 1.0  # the untrained baseline
+    # 4 steps cannot show training's gain (the 1,500-step README run does: 0.6475 vs 0.609);
+    # what holds here: the centred encoder's 8 bits each split the images (measured means
+    # 0.22-0.54) and carry the class well above chance (0.1; measured 0.28 and 0.26)
+    assert summary["probe_accuracy"] > 0.18 and summary["probe_accuracy_at_init"] > 0.18
+    assert all(0.15 < m < 0.85 for m in summary["bit_means"])
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
     pngs = sorted(os.listdir(os.path.join(workdir, "samples")))
@@ -46,6 +50,7 @@ def test_end_to_end_writes_checkpoints_logs_samples_and_probe(finished_run):
     assert len(summary["bit_means"]) == 8
 
 
+@pytest.mark.slow  # end-to-end training run
 def test_restore_gives_the_saved_state_exactly(finished_run):
     workdir, _, state = finished_run
     run = train.Run(tiny_config(), workdir)
@@ -56,6 +61,7 @@ def test_restore_gives_the_saved_state_exactly(finished_run):
     assert int(restored.step) == 4
 
 
+@pytest.mark.slow  # end-to-end training run
 def test_rerun_resumes_from_the_latest_checkpoint(finished_run, tmp_path, caplog):
     import shutil
     workdir = str(tmp_path / "resume")
