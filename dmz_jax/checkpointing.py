@@ -29,8 +29,8 @@ import orbax.checkpoint as ocp
 RESUMABLE_KEYS = (
     "training.num_steps", "training.log_every", "training.checkpoint_every",
     "training.sample_every", "training.keep_checkpoints", "training.max_nonfinite_steps",
-    "sampling.", "eval.", "mesh.", "data.data_dir", "data.debian_dir", "data.source",
-    "data.download",
+    "sampling.", "eval.", "modes.", "mesh.", "data.data_dir", "data.debian_dir",
+    "data.source", "data.download",
 )
 
 
@@ -70,8 +70,14 @@ def flatten_dict(d: dict, prefix: str = "") -> dict:
 
 
 def config_diff(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
-    """Lines `key: saved -> current` for every key that differs and is not resumable."""
+    """Lines `key: saved -> current` for every key that differs and is not resumable.
+
+    A key the checkpoint does not have (added to the code since) counts as its default.
+    """
+    from dmz_jax.config_base import base_config
+    defaults = flatten_dict(base_config().to_dict())
     old, new = flatten_dict(saved), flatten_dict(current.to_dict())
+    old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     lines = []
     for key in sorted(set(old) | set(new)):
         if key.startswith(RESUMABLE_KEYS) or old.get(key, "<absent>") == new.get(key, "<absent>"):

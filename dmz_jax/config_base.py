@@ -87,6 +87,21 @@ def base_config() -> ml_collections.ConfigDict:
     s.method = "ancestral"  # ancestral | ddim
     s.eta = 0.0
     s.clip_denoised = True
+    s.prior = "bernoulli"  # z for generation: bernoulli | empirical | learned (--mode=sample)
+    s.batch_size = 64  # images per compiled batch in the modes and the API (x devices)
+    s.seed = 0  # of the modes' noise and priors
+
+    c.modes = o = ml_collections.ConfigDict()  # options of --mode=...
+    o.split = "test"  # encode / reconstruct / interpolate / manipulate read this split
+    o.num_images = 16  # images a mode shows (reconstruct, interpolate pairs x 2, manipulate)
+    o.steps = 100  # K of the deterministic DDIM inversion and decoding
+    o.frames = 8  # interpolate: frames from a to b
+    o.path = "bits"  # interpolate: bits (flips, least confident first) | tokens (mixing)
+    o.x_T = "slerp"  # interpolate: slerp (between the inverted x_T) | fixed (a's)
+    o.label = ml_collections.config_dict.placeholder(str)  # manipulate: a class / attribute
+    o.scales = (-2.0, -1.0, 0.0, 1.0, 2.0)  # manipulate: moves along the classifier direction
+    o.prior_steps = 2000  # train_prior: optimizer steps of the bit prior
+    o.prior_width = 64  # train_prior: transformer width (2 layers, 4 heads)
 
     c.eval = v = ml_collections.ConfigDict()
     v.probe_train_examples = 10_000
@@ -94,6 +109,15 @@ def base_config() -> ml_collections.ConfigDict:
     v.encode_batch_size = 512  # divisible by 8 devices
     v.at_end = True  # sample grids and the linear probe when training ends
     v.probe_at_init = True  # also probe the untrained encoder (the baseline), in summary.json
+    # --mode=evaluate:
+    v.fd_steps = (10, 20, 50, 100)  # K of the Frechet distances
+    v.fd_num_samples = 50_000  # generated images per Frechet distance (and real ones)
+    v.fd_features = "auto"  # inception | classifier | auto (inception when weights are set)
+    v.inception_weights = ml_collections.config_dict.placeholder(str)  # converted .npz
+    v.classifier_steps = 2_000  # training steps of the classifier feature network
+    v.nll_examples = 1_000  # test images of the NLL (the full VLB: T network calls each)
+    v.recon_examples = 1_000  # test images of the reconstruction metrics
+    v.neighbour_bits = 2  # prior_fit: a sample is "near" a training code within this many bits
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by other axes

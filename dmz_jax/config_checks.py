@@ -105,14 +105,14 @@ class _Checker(dict):
 
 
 def _read(c: _Checker, node, base: ml_collections.ConfigDict, prefix: str) -> None:
-    """Fills `c` with the leaves of `node`; reports None for a non-placeholder, non-int items."""
+    """Fills `c` with the leaves of `node`; reports None for a non-placeholder, mistyped items."""
     for key, default in base.items():
         path = prefix + key
         c[path] = value = node[key]
         if isinstance(default, ml_collections.ConfigDict):
             _read(c, value, default, path + ".")
-        elif (value is None and default is not None) or (
-                isinstance(value, (tuple, list)) and any(type(v) is not int for v in value)):
+        elif (value is None and default is not None) or isinstance(value, (tuple, list)) and any(
+                type(v) is not type((default or (0,))[0]) for v in value):
             c.add(path, "type", value, f"must be like the default {default!r}")
             c[path] = None
 

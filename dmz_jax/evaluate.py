@@ -6,14 +6,18 @@ notebooks and other modes can call them on any parameters.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from typing import Callable, Optional
 
 import jax
 import numpy as np
+import optax
 
-from dmz_jax import data, diffusion, images, probe, samplers, sharding
+from dmz_jax import data, diffusion, images, samplers, sharding
+from dmz_jax.metrics import probes
 from dmz_jax.model import DMZ, image_shape
 from dmz_jax.networks import latent as latent_lib
 
@@ -76,7 +80,7 @@ def evaluate_probe(config, model: DMZ, params, mesh, baseline_params=None) -> di
     def codes_and_accuracy(p):
         train_codes = encode_dataset(encode_fn, p, train["image"], batch, mesh)
         test_codes = encode_dataset(encode_fn, p, test["image"], batch, mesh)
-        return train_codes, probe.linear_probe_accuracy(train_codes, train["label"],
+        return train_codes, probes.linear_probe_accuracy(train_codes, train["label"],
                                                         test_codes, test["label"])
 
     train_codes, accuracy = codes_and_accuracy(params)
@@ -118,3 +122,144 @@ def evaluate(config, model: DMZ, diff, params, step: int, workdir: str, mesh, wr
         if writer is not None:
             writer.write_scalars(step, {"probe_accuracy": summary["probe_accuracy"]})
     return summary
+
+
+# --- --mode=evaluate
+
+
+def _feature_network(config, train_split: dict):
+    """(name, images [N, H, W, C] in [-1, 1] -> features [N, D], notes) for Frechet distances.
+
+    "inception": the standard FID InceptionV3 from eval.inception_weights (real FID);
+    "classifier": a small CNN trained here on the training split (not comparable to FID).
+    """
+    v = config.eval
+    use_inception = v.fd_features == "inception" or (v.fd_features == "auto"
+                                                     and v.inception_weights)
+    if use_inception:
+        from dmz_jax.metrics import inception
+        params = inception.load_params(v.inception_weights or "inception_fid.npz")
+
+        def inception_features(x):
+            return np.concatenate([np.asarray(inception.features(params, images.to_uint8(b)))
+                                   for b in np.array_split(x, max(1, len(x) // 100))])
+        return "inception", inception_features, {}
+    if data.dataset_info(config.data).num_classes < 2:
+        raise ValueError(f"{config.data.name} has no classes to train the classifier features "
+                         "on; set eval.inception_weights (see README: FID)")
+    from dmz_jax.metrics import classifier
+    params = classifier.train_classifier(train_split["image"], train_split["label"],
+                                         v.classifier_steps, config.seed)
+    test = data.load_split(config.data, "test", v.probe_test_examples)
+    notes = {"classifier_test_accuracy": classifier.accuracy(params, test["image"],
+                                                             test["label"])}
+    return "classifier", lambda x: classifier.features(params, x), notes
+
+
+def _frechet_distances(config, model, feature_fn, real: np.ndarray, priors) -> dict:
+    """fd_<prior>_K<k> for each K in eval.fd_steps: N generated vs N real images."""
+    from dmz_jax.metrics import frechet
+    n = len(real)
+    real_stats = frechet.feature_statistics(feature_fn(real))
+    chunk = 10 * model.batch_size
+    out = {}
+    for prior in priors:
+        for k in map(int, config.eval.fd_steps):
+            stats, start = None, time.time()
+            for i in range(0, n, chunk):
+                x = model.sample(min(chunk, n - i), steps=k, prior=prior,
+                                 seed=config.sampling.seed + i)
+                f = feature_fn(x)
+                stats = stats or frechet.RunningStatistics(f.shape[1])
+                stats.update(f)
+                done = i + len(x)
+                logging.info("FD %s K=%d: %d/%d samples, ETA %.0f s", prior, k, done, n,
+                             (time.time() - start) / done * (n - done))
+            out[f"fd_{prior}_K{k}"] = frechet.frechet_distance(*stats.statistics(), *real_stats)
+            logging.info("fd_%s_K%d = %.3f", prior, k, out[f"fd_{prior}_K{k}"])
+    return out
+
+
+def prior_fit(train_codes: np.ndarray, test_codes: np.ndarray, rng: np.random.Generator,
+              neighbour_bits: int, num_samples: int = 1000) -> dict:
+    """How far the codes are from Bernoulli(0.5), which generation assumes.
+
+    kl_factorised_bits: KL(prod_i Bern(p_i) || Bern(0.5)^n) = n - sum_i H(p_i), bits, with p_i
+    the test codes' bit means; near_fraction: share of Bernoulli(0.5) samples whose nearest
+    training code is within neighbour_bits bits (Hamming).
+    """
+    p = np.clip(test_codes.mean(0), 1e-6, 1 - 1e-6)
+    entropy = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    samples = rng.integers(0, 2, (num_samples, train_codes.shape[1]))
+    nearest = np.array([np.abs(s - train_codes).sum(1).min() for s in samples])
+    return {"bit_means_test": p.round(4).tolist(),
+            "distinct_codes_test": int(len(np.unique(test_codes, axis=0))),
+            "num_test_codes": len(test_codes),
+            "kl_factorised_bits": float(len(p) - entropy.sum()),
+            f"near_fraction_within_{neighbour_bits}_bits": float(
+                (nearest <= neighbour_bits).mean()),
+            "mean_nearest_distance_bits": float(nearest.mean())}
+
+
+def _probes(config, model, train: dict, test: dict) -> dict:
+    """probe_accuracy (classes) or probe_auroc_mean (CelebA), for the trained encoder and the
+    untrained one (the baseline, with the same centring as a fresh run)."""
+    from dmz_jax.metrics import probes
+    from dmz_jax.train_state import center_encoder_logits, create_train_state
+    state = jax.jit(lambda: create_train_state(config, model.model, optax.identity()))()
+    baseline = state.params
+    if config.model.encoder.center_examples:
+        baseline = center_encoder_logits(model.model, baseline,
+                                         train["image"][:config.model.encoder.center_examples])
+    out = {}
+    for name, params in (("", model.params), ("_at_init", baseline)):
+        encoder = model.with_params(params)
+        train_codes, test_codes = encoder.encode(train["image"]), encoder.encode(test["image"])
+        if "attributes" in train:
+            out[f"probe_auroc_mean{name}"] = probes.attribute_probe_auroc(
+                train_codes, train["attributes"], test_codes, test["attributes"])[0]
+        else:
+            out[f"probe_accuracy{name}"] = probes.linear_probe_accuracy(
+                train_codes, train["label"], test_codes, test["label"])
+    return out
+
+
+def run_evaluation(config, workdir: str, checkpoint=None) -> str:
+    """Writes WORKDIR/evaluate/metrics.json; returns the folder."""
+    from dmz_jax import api, modes
+    v = config.eval
+    model = api.load(workdir, checkpoint=checkpoint, config=config)
+    out = modes.output_dir(workdir, "evaluate")
+    metrics = {"step": model.step, "sampler": config.sampling.method,
+               "eta": config.sampling.eta, "fd_steps": list(v.fd_steps)}
+    n = v.fd_num_samples
+    train = data.load_split(config.data, "train", max(n, v.probe_train_examples))
+    test = data.load_split(config.data, "test")
+    name, feature_fn, notes = _feature_network(config, train)
+    priors = ["bernoulli"] + (["learned"] if os.path.exists(model.prior_path) else [])
+    if not model.model.uses_latent:
+        priors = ["bernoulli"]  # no z: the plain diffusion model
+    metrics.update({"fd_features": name, "fd_num_samples": min(n, len(train["image"])),
+                    "fd_reference": "train split", "fd_priors": priors, **notes})
+    metrics.update(_frechet_distances(config, model, feature_fn, train["image"][:n], priors))
+    metrics["nll_bpd"] = float(model.nll_bpd(test["image"][:v.nll_examples]).mean())
+    metrics["nll_examples"] = len(test["image"][:v.nll_examples])
+    if model.model.uses_latent:
+        x = test["image"][:v.recon_examples]
+        for kind, inverted in (("z_only", False), ("inverted", True)):
+            y = model.reconstruct(x, steps=config.modes.steps, inverted=inverted)
+            metrics.update({f"recon_{kind}_{k}": val for k, val in
+                            modes.reconstruction_metrics(x, y).items()})
+        metrics["recon_steps"], metrics["recon_examples"] = config.modes.steps, len(x)
+        probe_train = {k: a[:v.probe_train_examples] for k, a in train.items()}
+        probe_test = {k: a[:v.probe_test_examples] for k, a in test.items()}
+        metrics.update(_probes(config, model, probe_train, probe_test))
+        if config.model.latent_type == "binary":
+            metrics["prior_fit"] = prior_fit(
+                model.encode(probe_train["image"]), model.encode(probe_test["image"]),
+                np.random.default_rng(config.seed), v.neighbour_bits)
+    path = os.path.join(out, "metrics.json")
+    with open(path, "w") as f:
+        json.dump(metrics, f, indent=2)
+    logging.info("Wrote %s", path)
+    return out

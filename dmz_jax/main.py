@@ -1,7 +1,9 @@
 """Command line: python -m dmz_jax.main --config=configs/X.py[:variant] --workdir=DIR [--mode=...].
 
 Modes: train (default) trains, resuming from WORKDIR, then samples and probes; describe
-prints the parameter table without touching data or devices.
+prints the parameter table without touching data or devices; evaluate, sample, encode,
+reconstruct, interpolate, manipulate and train_prior use WORKDIR's newest checkpoint (or
+--checkpoint) and write WORKDIR/MODE/ (see dmz_jax/modes.py).
 Overrides: --config.training.num_steps=100 and so on (ml_collections).
 """
 
@@ -14,7 +16,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file in configs/, optionally with "
                                 "a variant: configs/fashion_mnist.py:tiny.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs, samples and summary.json go.")
-flags.DEFINE_enum("mode", "train", ["train", "describe"], "What to do.")
+MODES = ["train", "describe", "evaluate", "sample", "encode", "reconstruct", "interpolate",
+         "manipulate", "train_prior"]
+flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+flags.DEFINE_integer("checkpoint", None, "The step to load (modes other than train); "
+                     "default: the newest.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host: "
                   "TPU pods, SLURM; it finds the coordinator from the environment).")
 flags.DEFINE_bool("fresh", False, "Move the workdir's checkpoints to checkpoints.old-<time> "
@@ -54,9 +60,26 @@ def train(config) -> int:
     return 0
 
 
+def use(config) -> int:
+    """The modes that use a trained model (dmz_jax.modes, dmz_jax.evaluate)."""
+    if not FLAGS.workdir:
+        raise app.UsageError(f"--workdir is required for --mode={FLAGS.mode}.")
+    from dmz_jax import api, checkpointing, config_checks, data, evaluate, modes
+    from dmz_jax.metrics.inception import FidWeightsError
+    run = evaluate.run_evaluation if FLAGS.mode == "evaluate" else modes.MODES[FLAGS.mode]
+    try:
+        config_checks.check_config(config)
+        out = run(config, FLAGS.workdir, FLAGS.checkpoint)
+    except (config_checks.ConfigError, data.DatasetNotFoundError, api.NoCheckpointError,
+            checkpointing.ConfigMismatchError, modes.ModeError, FidWeightsError) as e:
+        return _refuse(e)
+    print(f"Wrote {out}")
+    return 0
+
+
 def main(argv):
     del argv
-    return {"describe": describe, "train": train}[FLAGS.mode](FLAGS.config)
+    return {"describe": describe, "train": train}.get(FLAGS.mode, use)(FLAGS.config)
 
 
 if __name__ == "__main__":

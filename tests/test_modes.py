@@ -1,0 +1,172 @@
+"""Using a trained DMZ: the Python API and every --mode on a tiny workdir, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from dmz_jax import api, checkpointing, data, evaluate, modes, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mode_config():
+    """The tiny config with mode options small enough for CPU tests."""
+    config = tiny_config()
+    config.sampling.batch_size = 8
+    config.modes.update(num_images=4, steps=5, frames=3, prior_steps=30)
+    config.eval.update(fd_num_samples=32, fd_steps=(2,), classifier_steps=30, nll_examples=8,
+                       recon_examples=8)
+    return config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A workdir trained 4 steps with the tiny config (no end-of-training evaluation)."""
+    path = str(tmp_path_factory.mktemp("trained"))
+    config = mode_config()
+    config.eval.at_end = False
+    train.train_and_evaluate(config, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(workdir):
+    return api.load(workdir, config=mode_config())
+
+
+@pytest.mark.slow  # trains a tiny model
+def test_load_gives_the_ema_parameters_of_the_newest_checkpoint(workdir, model):
+    assert model.step == 4
+    with checkpointing.create_manager(workdir, 3) as manager:
+        assert manager.latest_step() == 4
+    raw = api.load(workdir, config=mode_config(), ema=False)
+    leaves = zip(jax.tree.leaves(model.params), jax.tree.leaves(raw.params))
+    assert any(not np.array_equal(a, b) for a, b in leaves)  # EMA differs from the raw params
+    older = api.load(workdir, config=mode_config(), checkpoint=2)
+    assert older.step == 2
+    assert api.load(workdir).config.model.latent_dim == 8  # the checkpoint's own config
+
+
+@pytest.mark.slow
+def test_encode_decode_shapes_and_exact_bits(model):
+    x = data.load_split(model.config.data, "test", 10)["image"]
+    z = model.encode(x)
+    assert z.shape == (10, 8) and set(np.unique(z)) <= {0.0, 1.0}
+    p = model.encode_probabilities(x)
+    np.testing.assert_array_equal(z, (p > 0.5).astype(np.float32))
+    images = model.decode(z, steps=2)
+    assert images.shape == (10, 32, 32, 1) and np.all(np.abs(images) <= 1.0)
+    # the same z and x_T decode deterministically with DDIM
+    _, x_T = model.invert(x[:3], steps=5)
+    a = model.decode(z[:3], x_T, steps=5, method="ddim", eta=0.0)
+    b = model.decode(z[:3], x_T, steps=5, method="ddim", eta=0.0)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_priors_and_interpolation_paths(model, tmp_path):
+    z = model.prior_sample(500, "bernoulli")
+    assert set(np.unique(z)) == {0.0, 1.0} and abs(z.mean() - 0.5) < 0.05
+    empirical = model.prior_sample(2000, "empirical", seed=1).mean(0)
+    np.testing.assert_allclose(empirical, model.training_codes().mean(0), atol=0.05)
+    without_prior = model.with_params(model.params)
+    without_prior.workdir = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="train_prior"):
+        without_prior.prior_sample(2, "learned")
+    # the bit path flips exactly the differing bits, least confident first
+    za, zb = np.array([[0., 0., 1., 1.]]), np.array([[1., 0., 0., 1.]])
+    pa = np.array([[0.45, 0.1, 0.9, 0.8]])  # bit 0 is the least confident
+    path = api._bit_path(za, zb, pa, 3)
+    np.testing.assert_array_equal(path[0], za)
+    np.testing.assert_array_equal(path[1], [[1., 0., 1., 1.]])
+    np.testing.assert_array_equal(path[2], zb)
+    # slerp keeps the ends and the norm of orthogonal unit noises
+    a, b = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
+    np.testing.assert_allclose(api._slerp(a, b, 0.5), [[2 ** -0.5, 2 ** -0.5]], rtol=1e-6)
+    np.testing.assert_allclose(api._slerp(a, b, 0.0), a, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", sorted(modes.MODES) + ["evaluate"])
+def test_each_mode_writes_its_outputs(mode, workdir):
+    config = mode_config()
+    config.modes.label = "Trouser"
+    run = evaluate.run_evaluation if mode == "evaluate" else modes.MODES[mode]
+    if mode == "evaluate" and not os.path.exists(os.path.join(workdir, "prior")):
+        modes.train_prior(mode_config(), workdir)  # then FD is reported for it too
+    out = run(config, workdir)
+    files = set(os.listdir(out))
+    want = {"sample": {"bernoulli_ancestral_K2.png", "bernoulli_ancestral_K5.npz"},
+            "encode": {"codes.npz"}, "reconstruct": {"metrics.json"},
+            "interpolate": {"bits_slerp_K5.png"}, "manipulate": {"Trouser_K5.png"},
+            "train_prior": {"metrics.json"}, "evaluate": {"metrics.json"}}[mode]
+    assert want <= files, files
+    if mode == "encode":
+        codes = np.load(os.path.join(out, "codes.npz"))
+        assert codes["bits"].shape == (2000, 8) and codes["labels"].shape == (2000,)
+    if mode == "sample":
+        assert np.load(os.path.join(out, "bernoulli_ancestral_K5.npz"))["images"].dtype == np.uint8
+    if mode == "train_prior":
+        m = json.load(open(os.path.join(out, "metrics.json")))
+        assert m["bernoulli_bits_per_code"] == 8.0
+        assert m["learned_bits_per_code"] < 8.0  # the codes are not uniform
+    if mode == "evaluate":
+        m = json.load(open(os.path.join(out, "metrics.json")))
+        for key in ("fd_bernoulli_K2", "fd_learned_K2", "nll_bpd", "recon_inverted_psnr",
+                    "recon_z_only_ssim", "probe_accuracy", "probe_accuracy_at_init"):
+            assert np.isfinite(m[key]), key
+        assert m["fd_features"] == "classifier" and m["step"] == 4
+        assert 0 <= m["prior_fit"]["kl_factorised_bits"] <= 8
+    if mode == "encode":  # a rerun writes a new folder; nothing is overwritten
+        assert run(config, workdir).endswith("encode.1")
+
+
+@pytest.mark.slow
+def test_bad_input_is_refused_before_compiling(workdir, tmp_path):
+    with pytest.raises(api.NoCheckpointError, match="train first"):
+        api.load(str(tmp_path))
+    with pytest.raises(api.NoCheckpointError, match="steps there"):
+        api.load(workdir, checkpoint=3)
+    other = mode_config()
+    other.model.latent_dim = 16
+    with pytest.raises(checkpointing.ConfigMismatchError, match="latent_dim"):
+        api.load(workdir, config=other)
+    config = mode_config()
+    config.modes.label = "Sneakers"
+    with pytest.raises(modes.ModeError, match="Sneaker"):
+        modes.manipulate(config, workdir)
+    config.data.name = "image_folder"
+    with pytest.raises(modes.ModeError, match="no named labels"):
+        modes.label_names(config)
+
+
+def test_prior_fit_on_codes_with_known_answers():
+    rng = np.random.default_rng(0)
+    uniform = rng.integers(0, 2, (4000, 6)).astype(np.float32)
+    fit = evaluate.prior_fit(uniform, uniform, rng, neighbour_bits=0)
+    assert fit["kl_factorised_bits"] < 0.01  # Bernoulli(0.5) bits
+    assert fit["near_fraction_within_0_bits"] == 1.0  # all 64 codes occur
+    constant = np.zeros((100, 6), np.float32)
+    fit = evaluate.prior_fit(constant, constant, rng, neighbour_bits=1)
+    assert fit["kl_factorised_bits"] > 5.9 and fit["distinct_codes_test"] == 1
+    # P(a uniform 6-bit sample has at most 1 one) = 7 / 64
+    assert abs(fit["near_fraction_within_1_bits"] - 7 / 64) < 0.03
+
+
+@pytest.mark.slow  # a subprocess
+def test_command_line_mode_on_an_empty_workdir_says_what_to_do(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "dmz_jax.main",
+                           f"--config={ROOT}/configs/fashion_mnist.py:tiny",
+                           f"--workdir={tmp_path}", "--mode=sample"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "train first" in proc.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "sample"))
