@@ -12,7 +12,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dmz_jax import sharding, train
+from dmz_jax import sharding
+from dmz_jax import train_state as ts
+from dmz_jax.model import create_model, image_shape
 
 config_flags.DEFINE_config_file("config", None, "Config file.")
 flags.DEFINE_integer("steps", 20, "Timed steps after the compile.")
@@ -21,19 +23,19 @@ FLAGS = flags.FLAGS
 
 def main(_):
     config = FLAGS.config
-    model, diff = train.create_model(config), train.make_diffusion(config)
-    tx = train.make_optimizer(config.training)
+    model, diff = create_model(config), ts.make_diffusion(config)
+    tx = ts.make_optimizer(config.training)
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
     rep = sharding.replicated(mesh)
     t0 = time.perf_counter()
-    state = jax.jit(functools.partial(train.create_train_state, config, model, tx),
+    state = jax.jit(functools.partial(ts.create_train_state, config, model, tx),
                     out_shardings=rep)()
     jax.block_until_ready(state)
     t_init = time.perf_counter() - t0
-    step_fn = train.compile_train_step(config, model, diff, tx, mesh, rep)
+    step_fn = ts.compile_train_step(config, model, diff, tx, mesh, rep)
     b = config.training.batch_size
     rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(-1, 1, (b, *train.image_shape(config))).astype(np.float32),
+    batch = {"image": rng.uniform(-1, 1, (b, *image_shape(config))).astype(np.float32),
              "label": np.zeros((b,), np.int32)}
     batch = sharding.global_batch(batch, mesh)
     with mesh:

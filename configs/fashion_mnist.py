@@ -60,6 +60,10 @@ def get_config(arg: Optional[str] = None):
     c.sampling.num_samples = 64
     c.eval.probe_train_examples = 10_000
     c.eval.probe_test_examples = 2_000
+    # --mode=evaluate sized for 2 CPU cores (~25 min): 500 samples per Frechet distance (in
+    # the features of a classifier trained here: no Inception offline), the full VLB of 64
+    # test images, reconstructions of 256
+    c.eval.update(fd_num_samples=500, nll_examples=64, recon_examples=256)
     if arg == "tiny":
         _tiny(c)
     elif arg:
