@@ -253,7 +253,8 @@ def run_evaluation(config, workdir: str, checkpoint=None) -> str:
         metrics["recon_steps"], metrics["recon_examples"] = config.modes.steps, len(x)
         probe_train = {k: a[:v.probe_train_examples] for k, a in train.items()}
         probe_test = {k: a[:v.probe_test_examples] for k, a in test.items()}
-        metrics.update(_probes(config, model, probe_train, probe_test))
+        if "attributes" in train or data.dataset_info(config.data).num_classes > 1:
+            metrics.update(_probes(config, model, probe_train, probe_test))
         if config.model.latent_type == "binary":
             metrics["prior_fit"] = prior_fit(
                 model.encode(probe_train["image"]), model.encode(probe_test["image"]),
