@@ -166,7 +166,7 @@ def manipulate(config, workdir, checkpoint=None) -> str:
     x = _split(config, o.num_images)["image"]
     z, x_T = model.invert(x, steps=o.steps)
     rows = [model.decode(np.clip(z + s * w, 0.0, 1.0), x_T, steps=o.steps, method="ddim",
-                         eta=0.0, clip=False) for s in o.scales]
+                         eta=0.0) for s in o.scales]
     _grid(os.path.join(out, f"{o.label.replace('/', '_')}_K{o.steps}.png"),
           [x] + [np.stack(r) for r in rows])
     _write_json(os.path.join(out, "direction.json"),

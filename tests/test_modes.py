@@ -181,3 +181,25 @@ def test_inversion_round_trip_beats_the_code_alone(model):
     # measured on the 4-step tiny model: 14.3 dB against 4.8 dB (41.6 dB at K=100 on the
     # README's trained model); x_T carries what z does not
     assert float(np.mean(iq.psnr(x, inverted))) > float(np.mean(iq.psnr(x, z_only))) + 5.0
+
+
+def _png_rows(path, num_rows, height=32, pad=2):
+    """The rows of a grid PNG written by the modes: [num_rows, columns, H, W, C] uint8."""
+    import tensorflow as tf
+    grid = tf.io.decode_png(tf.io.read_file(path)).numpy()
+    columns = (grid.shape[1] - pad) // (height + pad)
+    return np.stack([[grid[pad + r * (height + pad):pad + r * (height + pad) + height,
+                           pad + c * (height + pad):pad + c * (height + pad) + height]
+                      for c in range(columns)] for r in range(num_rows)])
+
+
+@pytest.mark.slow
+def test_manipulate_at_scale_zero_is_the_inverted_reconstruction(workdir):
+    config = mode_config()
+    config.modes.update(label="Trouser", scales=(-1.0, 0.0, 1.0))
+    edited = _png_rows(os.path.join(modes.manipulate(config, workdir), "Trouser_K5.png"), 4)
+    recon = _png_rows(os.path.join(modes.reconstruct(config, workdir),
+                                   "input_zonly_inverted_K5.png"), 3)
+    np.testing.assert_array_equal(edited[0], recon[0])  # the inputs
+    np.testing.assert_array_equal(edited[2], recon[2])  # scale 0 = z and x_T unchanged
+    assert not np.array_equal(edited[1], edited[3])  # the direction changes the images

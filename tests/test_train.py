@@ -120,6 +120,7 @@ def test_eight_devices_match_one_device():
                            .params["encoder"]["to_logits"]["kernel"])
 
 
+@pytest.mark.slow  # a tfds pipeline and a train-step compile per dataset
 @pytest.mark.parametrize("config_name,image_shape", [("cifar10", (32, 32, 3)),
                                                       ("celeba64", (64, 64, 3))])
 def test_one_train_step_on_mock_data(config_name, image_shape, tmp_path, monkeypatch):
@@ -151,7 +152,7 @@ def test_centering_makes_every_bit_split_the_images_evenly():
 def test_encoder_lr_scale_scales_only_the_encoder_update():
     config = tiny_config()
     model = create_model(config)
-    params = init_params(model, jax.random.PRNGKey(0), (32, 32, 1))
+    params = jax.jit(lambda key: init_params(model, key, (32, 32, 1)))(jax.random.PRNGKey(0))
     grads = jax.tree.map(jnp.ones_like, params)
     updates = {}
     for scale in (1.0, 0.25):
