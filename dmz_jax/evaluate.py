@@ -156,8 +156,10 @@ def _feature_network(config, train_split: dict):
     return "classifier", lambda x: classifier.features(params, x), notes
 
 
-def _frechet_distances(config, model, feature_fn, real: np.ndarray, priors) -> dict:
-    """fd_<prior>_K<k> for each K in eval.fd_steps: N generated vs N real images."""
+def _frechet_distances(config, model, feature_fn, real: np.ndarray, priors,
+                       prefix: str) -> dict:
+    """PREFIX_K<k> (Bernoulli z) and PREFIX_<prior>_K<k> for each K in eval.fd_steps: N
+    generated vs N real images; PREFIX is "fid" in Inception features, else "fd"."""
     from dmz_jax.metrics import frechet
     n = len(real)
     real_stats = frechet.feature_statistics(feature_fn(real))
@@ -175,8 +177,9 @@ def _frechet_distances(config, model, feature_fn, real: np.ndarray, priors) -> d
                 done = i + len(x)
                 logging.info("FD %s K=%d: %d/%d samples, ETA %.0f s", prior, k, done, n,
                              (time.time() - start) / done * (n - done))
-            out[f"fd_{prior}_K{k}"] = frechet.frechet_distance(*stats.statistics(), *real_stats)
-            logging.info("fd_%s_K%d = %.3f", prior, k, out[f"fd_{prior}_K{k}"])
+            key = f"{prefix}_K{k}" if prior == "bernoulli" else f"{prefix}_{prior}_K{k}"
+            out[key] = frechet.frechet_distance(*stats.statistics(), *real_stats)
+            logging.info("%s = %.3f", key, out[key])
     return out
 
 
@@ -241,7 +244,8 @@ def run_evaluation(config, workdir: str, checkpoint=None) -> str:
         priors = ["bernoulli"]  # no z: the plain diffusion model
     metrics.update({"fd_features": name, "fd_num_samples": min(n, len(train["image"])),
                     "fd_reference": "train split", "fd_priors": priors, **notes})
-    metrics.update(_frechet_distances(config, model, feature_fn, train["image"][:n], priors))
+    metrics.update(_frechet_distances(config, model, feature_fn, train["image"][:n], priors,
+                                      "fid" if name == "inception" else "fd"))
     metrics["nll_bpd"] = float(model.nll_bpd(test["image"][:v.nll_examples]).mean())
     metrics["nll_examples"] = len(test["image"][:v.nll_examples])
     if model.model.uses_latent:

@@ -118,7 +118,7 @@ def test_each_mode_writes_its_outputs(mode, workdir):
         assert m["learned_bits_per_code"] < 8.0  # the codes are not uniform
     if mode == "evaluate":
         m = json.load(open(os.path.join(out, "metrics.json")))
-        for key in ("fd_bernoulli_K2", "fd_learned_K2", "nll_bpd", "recon_inverted_psnr",
+        for key in ("fd_K2", "fd_learned_K2", "nll_bpd", "recon_inverted_psnr",
                     "recon_z_only_ssim", "probe_accuracy", "probe_accuracy_at_init"):
             assert np.isfinite(m[key]), key
         assert m["fd_features"] == "classifier" and m["step"] == 4
