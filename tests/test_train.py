@@ -98,6 +98,7 @@ def _steps_on_mesh(config, mesh, batches):
     return jax.device_get(state), metrics
 
 
+@pytest.mark.slow  # two train-step compiles (8 devices and 1)
 def test_eight_devices_match_one_device():
     assert jax.device_count() == 8
     config = tiny_config()
