@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     o.x_T = "slerp"  # interpolate: slerp (between the inverted x_T) | fixed (a's)
     o.label = ml_collections.config_dict.placeholder(str)  # manipulate: a class / attribute
     o.scales = (-2.0, -1.0, 0.0, 1.0, 2.0)  # manipulate: moves along the classifier direction
+    o.bits = ()  # manipulate: flip these bits (indices into z), one row each, instead
     o.prior_steps = 2000  # train_prior: optimizer steps of the bit prior
     o.prior_width = 64  # train_prior: transformer width (2 layers, 4 heads)
 

@@ -150,28 +150,43 @@ def _targets(config, split: dict, label: str) -> np.ndarray:
 
 
 def manipulate(config, workdir, checkpoint=None) -> str:
-    """Moves the codes of modes.num_images images along a logistic-regression direction for
-    modes.label (scales modes.scales, bits as fractions in [0, 1]), x_T from inversion."""
+    """Edits modes.num_images images of modes.split, decoded with their own inverted x_T:
+    with modes.bits, one row per listed bit, flipped; else rows moving the codes along a
+    logistic-regression direction for modes.label (scales modes.scales, bits kept in [0, 1])."""
     o = config.modes
-    names = label_names(config)
-    if o.label not in names:
+    if o.bits:
+        bad = [b for b in o.bits if not 0 <= b < config.model.latent_dim]
+        if bad:
+            raise ModeError(f"modes.bits={tuple(o.bits)}: {bad} not in "
+                            f"0..{config.model.latent_dim - 1}")
+    elif o.label not in label_names(config):
         raise ModeError(f"modes.label={o.label!r} is not a label of {config.data.name}; "
-                        f"use one of {list(names)}")
+                        f"use one of {list(label_names(config))}")
     model, out = _start(config, workdir, checkpoint, "manipulate")
-    from sklearn.linear_model import LogisticRegression
-    train = data.load_split(config.data, "train", config.eval.probe_train_examples)
-    codes = model.encode(train["image"])
-    direction = LogisticRegression(max_iter=2000).fit(codes, _targets(config, train, o.label))
-    w = direction.coef_[0] / np.abs(direction.coef_[0]).max()  # the strongest bit moves by 1
     x = _split(config, o.num_images)["image"]
     z, x_T = model.invert(x, steps=o.steps)
-    rows = [model.decode(np.clip(z + s * w, 0.0, 1.0), x_T, steps=o.steps, method="ddim",
-                         eta=0.0) for s in o.scales]
-    _grid(os.path.join(out, f"{o.label.replace('/', '_')}_K{o.steps}.png"),
-          [x] + [np.stack(r) for r in rows])
-    _write_json(os.path.join(out, "direction.json"),
-                {"label": o.label, "scales": list(o.scales), "weights": w.round(4).tolist()})
+    if o.bits:
+        codes = [np.where(np.arange(z.shape[1]) == b, 1.0 - z, z) for b in o.bits]
+        name, info = "bits", {"bits": list(o.bits)}
+    else:
+        w = _label_direction(config, model, o.label)
+        codes = [np.clip(z + s * w, 0.0, 1.0) for s in o.scales]
+        name = o.label.replace("/", "_")
+        info = {"label": o.label, "scales": list(o.scales), "weights": w.round(4).tolist()}
+    rows = [model.decode(c, x_T, steps=o.steps, method="ddim", eta=0.0) for c in codes]
+    _grid(os.path.join(out, f"{name}_K{o.steps}.png"), [x] + rows)
+    _write_json(os.path.join(out, "edit.json"), info)
     return out
+
+
+def _label_direction(config, model, label: str) -> np.ndarray:
+    """A logistic regression's weights [|z|] for `label` on the training codes, scaled so
+    that the strongest bit moves by 1 per unit of scale."""
+    from sklearn.linear_model import LogisticRegression
+    train = data.load_split(config.data, "train", config.eval.probe_train_examples)
+    fit = LogisticRegression(max_iter=2000).fit(model.encode(train["image"]),
+                                                _targets(config, train, label))
+    return fit.coef_[0] / np.abs(fit.coef_[0]).max()
 
 
 def train_prior(config, workdir, checkpoint=None) -> str:

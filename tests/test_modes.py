@@ -203,3 +203,11 @@ def test_manipulate_at_scale_zero_is_the_inverted_reconstruction(workdir):
     np.testing.assert_array_equal(edited[0], recon[0])  # the inputs
     np.testing.assert_array_equal(edited[2], recon[2])  # scale 0 = z and x_T unchanged
     assert not np.array_equal(edited[1], edited[3])  # the direction changes the images
+    config.modes.bits = (0, 3)  # flipping named bits: one row each, no label needed
+    config.modes.label = None
+    flipped = _png_rows(os.path.join(modes.manipulate(config, workdir), "bits_K5.png"), 3)
+    np.testing.assert_array_equal(flipped[0], recon[0])
+    assert not np.array_equal(flipped[1], recon[2])
+    config.modes.bits = (8,)
+    with pytest.raises(modes.ModeError, match="not in 0..7"):
+        modes.manipulate(config, workdir)
