@@ -127,7 +127,7 @@ def evaluate(config, model: DMZ, diff, params, step: int, workdir: str, mesh, wr
 # --- --mode=evaluate
 
 
-def _feature_network(config, train_split: dict):
+def _feature_network(config, train_split: dict, test_split: dict):
     """(name, images [N, H, W, C] in [-1, 1] -> features [N, D], notes) for Frechet distances.
 
     "inception": the standard FID InceptionV3 from eval.inception_weights (real FID);
@@ -150,7 +150,7 @@ def _feature_network(config, train_split: dict):
     from dmz_jax.metrics import classifier
     params = classifier.train_classifier(train_split["image"], train_split["label"],
                                          v.classifier_steps, config.seed)
-    test = data.load_split(config.data, "test", v.probe_test_examples)
+    test = {k: a[:v.probe_test_examples] for k, a in test_split.items()}
     notes = {"classifier_test_accuracy": classifier.accuracy(params, test["image"],
                                                              test["label"])}
     return "classifier", lambda x: classifier.features(params, x), notes
@@ -204,9 +204,9 @@ def prior_fit(train_codes: np.ndarray, test_codes: np.ndarray, rng: np.random.Ge
             "mean_nearest_distance_bits": float(nearest.mean())}
 
 
-def _probes(config, model, train: dict, test: dict) -> dict:
-    """probe_accuracy (classes) or probe_auroc_mean (CelebA), for the trained encoder and the
-    untrained one (the baseline, with the same centring as a fresh run)."""
+def _probes(config, model, train: dict, test: dict, trained_codes: tuple) -> dict:
+    """probe_accuracy (classes) or probe_auroc_mean (CelebA), for the trained encoder (its
+    (train, test) codes given) and the untrained one (the baseline, centred as a fresh run)."""
     from dmz_jax.metrics import probes
     from dmz_jax.train_state import center_encoder_logits, create_train_state
     state = jax.jit(lambda: create_train_state(config, model.model, optax.identity()))()
@@ -215,9 +215,9 @@ def _probes(config, model, train: dict, test: dict) -> dict:
         baseline = center_encoder_logits(model.model, baseline,
                                          train["image"][:config.model.encoder.center_examples])
     out = {}
-    for name, params in (("", model.params), ("_at_init", baseline)):
-        encoder = model.with_params(params)
-        train_codes, test_codes = encoder.encode(train["image"]), encoder.encode(test["image"])
+    encoder = model.with_params(baseline)
+    baseline_codes = encoder.encode(train["image"]), encoder.encode(test["image"])
+    for name, (train_codes, test_codes) in (("", trained_codes), ("_at_init", baseline_codes)):
         if "attributes" in train:
             out[f"probe_auroc_mean{name}"] = probes.attribute_probe_auroc(
                 train_codes, train["attributes"], test_codes, test["attributes"])[0]
@@ -238,7 +238,7 @@ def run_evaluation(config, workdir: str, checkpoint=None) -> str:
     n = v.fd_num_samples
     train = data.load_split(config.data, "train", max(n, v.probe_train_examples))
     test = data.load_split(config.data, "test")
-    name, feature_fn, notes = _feature_network(config, train)
+    name, feature_fn, notes = _feature_network(config, train, test)
     priors = ["bernoulli"] + (["learned"] if os.path.exists(model.prior_path) else [])
     if not model.model.uses_latent:
         priors = ["bernoulli"]  # no z: the plain diffusion model
@@ -257,12 +257,12 @@ def run_evaluation(config, workdir: str, checkpoint=None) -> str:
         metrics["recon_steps"], metrics["recon_examples"] = config.modes.steps, len(x)
         probe_train = {k: a[:v.probe_train_examples] for k, a in train.items()}
         probe_test = {k: a[:v.probe_test_examples] for k, a in test.items()}
+        codes = model.encode(probe_train["image"]), model.encode(probe_test["image"])
         if "attributes" in train or data.dataset_info(config.data).num_classes > 1:
-            metrics.update(_probes(config, model, probe_train, probe_test))
+            metrics.update(_probes(config, model, probe_train, probe_test, codes))
         if config.model.latent_type == "binary":
-            metrics["prior_fit"] = prior_fit(
-                model.encode(probe_train["image"]), model.encode(probe_test["image"]),
-                np.random.default_rng(config.seed), v.neighbour_bits)
+            metrics["prior_fit"] = prior_fit(*codes, np.random.default_rng(config.seed),
+                                             v.neighbour_bits)
     path = os.path.join(out, "metrics.json")
     with open(path, "w") as f:
         json.dump(metrics, f, indent=2)
