@@ -65,6 +65,12 @@ def _manager(workdir: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(path, item_names=("state", "config"))
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps of WORKDIR's saved checkpoints, oldest first."""
+    with _manager(workdir) as manager:
+        return sorted(manager.all_steps())
+
+
 def load(workdir: str, *, checkpoint: Optional[int] = None,
          config: Optional[ml_collections.ConfigDict] = None, ema: bool = True,
          mesh=None) -> "Model":

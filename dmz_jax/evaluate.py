@@ -127,7 +127,7 @@ def evaluate(config, model: DMZ, diff, params, step: int, workdir: str, mesh, wr
 # --- --mode=evaluate
 
 
-def _feature_network(config, train_split: dict, test_split: dict):
+def feature_network(config, train_split: dict, test_split: dict):
     """(name, images [N, H, W, C] in [-1, 1] -> features [N, D], notes) for Frechet distances.
 
     "inception": the standard FID InceptionV3 from eval.inception_weights (real FID);
@@ -156,27 +156,38 @@ def _feature_network(config, train_split: dict, test_split: dict):
     return "classifier", lambda x: classifier.features(params, x), notes
 
 
+def sample_statistics(model, feature_fn, n: int, *, steps: int, prior: str = "bernoulli",
+                      method: Optional[str] = None, seed: int = 0):
+    """Feature statistics (a frechet.RunningStatistics) of n generated images at K = steps.
+
+    z comes from `prior`; the sampler is `method` (default config.sampling.method). Images
+    are made 10 batches at a time, with seeds seed + (index of the chunk's first image).
+    """
+    from dmz_jax.metrics import frechet
+    chunk, stats, start = 10 * model.batch_size, None, time.time()
+    for i in range(0, n, chunk):
+        x = model.sample(min(chunk, n - i), steps=steps, prior=prior, seed=seed + i,
+                         method=method)
+        f = feature_fn(x)
+        stats = stats or frechet.RunningStatistics(f.shape[1])
+        stats.update(f)
+        done = i + len(x)
+        logging.info("FD %s K=%d: %d/%d samples, ETA %.0f s", prior, steps, done, n,
+                     (time.time() - start) / done * (n - done))
+    return stats
+
+
 def _frechet_distances(config, model, feature_fn, real: np.ndarray, priors,
                        prefix: str) -> dict:
     """PREFIX_K<k> (Bernoulli z) and PREFIX_<prior>_K<k> for each K in eval.fd_steps: N
     generated vs N real images; PREFIX is "fid" in Inception features, else "fd"."""
     from dmz_jax.metrics import frechet
-    n = len(real)
     real_stats = frechet.feature_statistics(feature_fn(real))
-    chunk = 10 * model.batch_size
     out = {}
     for prior in priors:
         for k in map(int, config.eval.fd_steps):
-            stats, start = None, time.time()
-            for i in range(0, n, chunk):
-                x = model.sample(min(chunk, n - i), steps=k, prior=prior,
-                                 seed=config.sampling.seed + i)
-                f = feature_fn(x)
-                stats = stats or frechet.RunningStatistics(f.shape[1])
-                stats.update(f)
-                done = i + len(x)
-                logging.info("FD %s K=%d: %d/%d samples, ETA %.0f s", prior, k, done, n,
-                             (time.time() - start) / done * (n - done))
+            stats = sample_statistics(model, feature_fn, len(real), steps=k, prior=prior,
+                                      seed=config.sampling.seed)
             key = f"{prefix}_K{k}" if prior == "bernoulli" else f"{prefix}_{prior}_K{k}"
             out[key] = frechet.frechet_distance(*stats.statistics(), *real_stats)
             logging.info("%s = %.3f", key, out[key])
@@ -238,7 +249,7 @@ def run_evaluation(config, workdir: str, checkpoint=None) -> str:
     n = v.fd_num_samples
     train = data.load_split(config.data, "train", max(n, v.probe_train_examples))
     test = data.load_split(config.data, "test")
-    name, feature_fn, notes = _feature_network(config, train, test)
+    name, feature_fn, notes = feature_network(config, train, test)
     priors = ["bernoulli"] + (["learned"] if os.path.exists(model.prior_path) else [])
     if not model.model.uses_latent:
         priors = ["bernoulli"]  # no z: the plain diffusion model

@@ -1,0 +1,327 @@
+"""Ablations: trains a named grid of DMZ variants and seeds at one budget, evaluates every run
+with one protocol, and writes a report (tables, plots, a verdict per claim of the paper).
+
+    python experiments/ablations.py --grid=experiments/grids/cpu.py \
+        --root=runs/ablations_cpu --results=docs/results.md
+
+A grid file (experiments/grids/*.py) defines `get_grid()`: the base config, the overrides
+every run shares (the budget), the variants (named config overrides), the seeds and the
+evaluation protocol. Each run lives in ROOT/VARIANT/seedS: a normal training workdir
+(checkpoints, summary.json, samples/) plus ablation.json, its evaluation. The runner is
+resume-safe: it can be stopped at any moment and rerun; a trained run (summary.json at the
+budget) is not retrained, an evaluated one (ablation.json with the same protocol) is not
+re-evaluated, and the report is rendered from the stored results alone, so a rerun writes
+the same report. Runs go seed by seed (every variant's first seed first), so a stopped grid
+already compares each variant once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from typing import Optional
+
+if __package__ in (None, ""):  # `python experiments/ablations.py` from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("grid", None, "A grid file: experiments/grids/cpu.py, gpu.py, tiny.py.")
+flags.DEFINE_string("root", None, "Where the runs go (one workdir per variant and seed).")
+flags.DEFINE_string("results", "docs/results.md", "The report to write; its plots and sample "
+                    "grids go to a folder beside it with the same stem.")
+flags.DEFINE_bool("report_only", False, "Only render the report from what is stored.")
+
+PROTOCOL_KEYS = ("fd_steps", "fd_num_samples", "fd_features", "classifier_steps",
+                 "nll_examples", "prior_steps", "curve_steps", "ddim_variants",
+                 "prior_variants", "curve_variants")
+
+
+class GridError(ValueError):
+    """A grid file names an unknown key, a bad value or an unknown variant."""
+
+
+def load_grid(path: str) -> dict:
+    """The dict returned by get_grid() in the grid file at `path`, with its source path."""
+    if not os.path.exists(path):
+        raise GridError(f"no grid file {path}; see experiments/grids/")
+    spec = importlib.util.spec_from_file_location("ablation_grid", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    grid = dict(module.get_grid(), path=path)
+    missing = {"name", "base", "common", "seeds", "variants", "protocol"} - set(grid)
+    if missing:
+        raise GridError(f"{path}: get_grid() lacks {sorted(missing)}")
+    unknown = set(grid["protocol"]) - set(PROTOCOL_KEYS)
+    if unknown:
+        raise GridError(f"{path}: unknown protocol keys {sorted(unknown)}; known: "
+                        f"{PROTOCOL_KEYS}")
+    for key in ("ddim_variants", "prior_variants", "curve_variants"):
+        stray = set(grid["protocol"].get(key, ())) - set(grid["variants"])
+        if stray:
+            raise GridError(f"{path}: protocol.{key} names variants not in the grid: "
+                            f"{sorted(stray)}")
+    return grid
+
+
+def _base_config(grid: dict):
+    path, _, arg = grid["base"].partition(":")
+    spec = importlib.util.spec_from_file_location("ablation_base_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def run_config(grid: dict, variant: str, seed: int):
+    """The config of one run: base, then the shared overrides, the variant's, the seed and
+    the protocol's evaluation settings (eval.* and modes.prior_steps)."""
+    config = _base_config(grid)
+    p = grid["protocol"]
+    try:
+        config.update_from_flattened_dict(dict(grid["common"]))
+        config.update_from_flattened_dict(dict(grid["variants"][variant]))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise GridError(f"{grid['path']}: variant {variant!r}: {e}") from e
+    config.seed = int(seed)
+    config.eval.fd_steps = tuple(p["fd_steps"])
+    config.eval.fd_num_samples = int(p["fd_num_samples"])
+    config.eval.fd_features = p.get("fd_features", "auto")
+    config.eval.classifier_steps = int(p["classifier_steps"])
+    config.eval.nll_examples = int(p["nll_examples"])
+    config.modes.prior_steps = int(p["prior_steps"])
+    config.sampling.method, config.sampling.eta = "ancestral", 0.0
+    return config
+
+
+def runs_of(grid: dict) -> list[tuple[str, int]]:
+    """(variant, seed) in running order: every variant's first seed, then the second..."""
+    return [(v, int(s)) for s in grid["seeds"] for v in grid["variants"]]
+
+
+def workdir_of(root: str, variant: str, seed: int) -> str:
+    return os.path.join(root, variant, f"seed{seed}")
+
+
+def check_grid(grid: dict) -> None:
+    """Every run's config through config_checks, all problems at once, before any compile."""
+    import jax
+    from dmz_jax import config_checks
+    problems = []
+    for variant, seed in runs_of(grid):
+        try:
+            config_checks.check_config(run_config(grid, variant, seed),
+                                       num_devices=jax.device_count(),
+                                       process_count=jax.process_count())
+        except config_checks.ConfigError as e:
+            problems.append(f"{variant}/seed{seed}: {e}")
+    if problems:
+        raise GridError("\n".join(problems))
+
+
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, values: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(values, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)  # never a half-written result
+
+
+def train_run(config, workdir: str) -> dict:
+    """Trains (or resumes) one run to its budget; returns summary.json. The wall time of
+    every invocation that trained it adds up in timing.json."""
+    from dmz_jax import train
+    summary = _read_json(os.path.join(workdir, "summary.json"))
+    if summary and summary.get("step") == config.training.num_steps:
+        logging.info("Skip training %s: finished", workdir)
+        return summary
+    os.makedirs(workdir, exist_ok=True)
+    timing_path = os.path.join(workdir, "timing.json")
+    start = time.time()
+    try:
+        summary = train.train_and_evaluate(config, workdir)
+    finally:
+        timing = _read_json(timing_path) or {"train_seconds": 0.0}
+        timing["train_seconds"] += time.time() - start
+        _write_json(timing_path, timing)
+    if summary.get("preempted"):
+        raise KeyboardInterrupt(f"{workdir} stopped at step {summary['step']}")
+    return summary
+
+
+class Features:
+    """The protocol's feature network and the real images' statistics, built on first use
+    from the grid's base settings (seed 0), so that every run is measured alike."""
+
+    def __init__(self, grid: dict):
+        self.grid, self._built = grid, None
+
+    def get(self):
+        """(name, images -> features, real statistics (mu, sigma), notes)."""
+        if self._built is None:
+            from dmz_jax import data, evaluate
+            from dmz_jax.metrics import frechet
+            config = run_config(self.grid, next(iter(self.grid["variants"])), 0)
+            n = config.eval.fd_num_samples
+            train = data.load_split(config.data, "train", n)
+            test = data.load_split(config.data, "test", config.eval.probe_test_examples)
+            name, fn, notes = evaluate.feature_network(config, train, test)
+            real = frechet.feature_statistics(fn(train["image"][:n]))
+            self._built = name, fn, real, notes
+        return self._built
+
+
+def _fd(model, features: Features, n: int, k: int, **kwargs) -> float:
+    from dmz_jax import evaluate
+    from dmz_jax.metrics import frechet
+    _, fn, real, _ = features.get()
+    stats = evaluate.sample_statistics(model, fn, n, steps=k, seed=model.config.sampling.seed,
+                                       **kwargs)
+    return float(frechet.frechet_distance(*stats.statistics(), *real))
+
+
+def _learned_prior(config, workdir: str) -> Optional[dict]:
+    """Trains the bit prior once (modes.train_prior); its bits/code on the test codes."""
+    from dmz_jax import modes
+    metrics_path = os.path.join(workdir, "train_prior", "metrics.json")
+    if not os.path.exists(os.path.join(workdir, "prior")):
+        metrics_path = os.path.join(modes.train_prior(config, workdir), "metrics.json")
+    return _read_json(metrics_path)
+
+
+def _nll(config, workdir: str, step: int, test_images) -> dict:
+    """The full VLB of the test images in bits/dim, given z = encode(x), and the bound on
+    -log2 p(x) with z's own |z| bits added (Bernoulli(0.5) prior, deterministic encoder)."""
+    from dmz_jax import api
+    nll_config = config.copy_and_resolve_references()
+    nll_config.sampling.batch_size = len(test_images)
+    model = api.load(workdir, checkpoint=step, config=nll_config)
+    given_z = float(model.nll_bpd(test_images).mean())
+    bits = config.model.latent_dim if model.model.uses_latent else 0
+    dims = test_images[0].size
+    # a Gaussian z has no discrete code length: no bound
+    bound = given_z + bits / dims if config.model.latent_type != "gaussian" else None
+    return {"nll_bpd_given_z": given_z, "nll_bpd_bound": bound}
+
+
+def evaluate_run(grid: dict, variant: str, seed: int, config, workdir: str,
+                 features: Features) -> dict:
+    """The protocol on one trained run; what it measures, for the report (ablation.json)."""
+    from dmz_jax import api, data
+    p = grid["protocol"]
+    start, n = time.time(), int(p["fd_num_samples"])
+    summary = _read_json(os.path.join(workdir, "summary.json"))
+    model = api.load(workdir, config=config)
+    fd = {"ancestral": {str(k): _fd(model, features, n, int(k)) for k in p["fd_steps"]}}
+    result = {"variant": variant, "seed": seed, "step": model.step, "fd": fd}
+    if variant in p.get("ddim_variants", ()):
+        fd["ddim"] = {str(k): _fd(model, features, n, int(k), method="ddim")
+                      for k in p["fd_steps"]}
+    if variant in p.get("prior_variants", ()) and config.model.latent_type == "binary":
+        result["prior"] = _learned_prior(config, workdir)
+        fd["learned"] = {str(k): _fd(model, features, n, int(k), prior="learned")
+                         for k in p["fd_steps"]}
+    if variant in p.get("curve_variants", ()):
+        test = data.load_split(config.data, "test", int(p["nll_examples"]))["image"]
+        k = int(p["curve_steps"])
+        result["curve"] = []
+        for step in api.checkpoint_steps(workdir):
+            at_step = model if step == model.step else api.load(workdir, checkpoint=step,
+                                                                  config=config)
+            result["curve"].append({"step": step, f"fd_K{k}": _fd(at_step, features, n, k),
+                                    **_nll(config, workdir, step, test)})
+    for key in ("probe_accuracy", "probe_accuracy_at_init", "distinct_codes_train",
+                "train_loss", "samples"):
+        result[key] = summary.get(key)
+    result["eval_seconds"] = time.time() - start
+    result["train_seconds"] = (_read_json(os.path.join(workdir, "timing.json"))
+                               or {}).get("train_seconds")
+    result["latent_dim"] = config.model.latent_dim
+    result["hardware"] = hardware()
+    return result
+
+
+def hardware() -> str:
+    import jax
+    d = jax.devices()[0]
+    return (f"{jax.device_count()} x {d.device_kind} ({d.platform}), {os.cpu_count()} CPU "
+            f"cores, {platform.machine()}, jax {jax.__version__}")
+
+
+def protocol_of(grid: dict) -> dict:
+    """What makes two evaluations comparable: the protocol and the shared budget."""
+    return json.loads(json.dumps({"protocol": grid["protocol"], "common": grid["common"],
+                                  "base": grid["base"]}, sort_keys=True))
+
+
+def run_grid(grid: dict, root: str) -> dict:
+    """Trains and evaluates every run not done yet; returns {(variant, seed): result}."""
+    check_grid(grid)
+    features, results = Features(grid), {}
+    for variant, seed in runs_of(grid):
+        workdir = workdir_of(root, variant, seed)
+        path = os.path.join(workdir, "ablation.json")
+        stored = _read_json(path)
+        if stored and stored.get("protocol") == protocol_of(grid):
+            logging.info("Skip %s: evaluated", workdir)
+            results[variant, seed] = stored
+            continue
+        config = run_config(grid, variant, seed)
+        train_run(config, workdir)
+        result = evaluate_run(grid, variant, seed, config, workdir, features)
+        result["protocol"] = protocol_of(grid)
+        result["fd_features"] = features.get()[0]
+        _write_json(path, result)
+        results[variant, seed] = result
+    return results
+
+
+def stored_results(grid: dict, root: str) -> dict:
+    """{(variant, seed): ablation.json} of the runs evaluated under this grid's protocol."""
+    out = {}
+    for variant, seed in runs_of(grid):
+        stored = _read_json(os.path.join(workdir_of(root, variant, seed), "ablation.json"))
+        if stored and stored.get("protocol") == protocol_of(grid):
+            out[variant, seed] = stored
+    return out
+
+
+def command_of(grid_path: str, root: str, results_path: str) -> str:
+    return (f"python experiments/ablations.py --grid={grid_path} --root={root} "
+            f"--results={results_path}")
+
+
+def main(argv):
+    del argv
+    if not FLAGS.grid or not FLAGS.root:
+        raise app.UsageError("--grid and --root are required")
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.root, ".jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from experiments import report
+    try:
+        grid = load_grid(FLAGS.grid)
+        if not FLAGS.report_only:
+            run_grid(grid, FLAGS.root)
+    except GridError as e:
+        print(f"\nERROR: {e}", file=sys.stderr)
+        return 2
+    report.write_report(grid, stored_results(grid, FLAGS.root), FLAGS.results,
+                        command_of(FLAGS.grid, FLAGS.root, FLAGS.results))
+    print(f"Wrote {FLAGS.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,419 @@
+"""The ablation report: tables, plots and a verdict per claim, from stored results only.
+
+`write_report(grid, results, path, command)` renders `results` ({(variant, seed):
+ablation.json}) into a Markdown file and a folder of PNGs beside it (PATH without ".md").
+Nothing here measures anything, so the same results always give the same report.
+
+Verdict rule: "A beats B" is *resolved* only when every seed of A beats every seed of B (the
+seed ranges do not overlap) and each side has at least two seeds; otherwise the difference is
+within the seed spread and the claim is *not resolved at this budget*.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Callable, Optional
+
+import numpy as np
+
+HOLDS, FAILS, OPEN, NOT_RUN = ("holds", "does not hold", "not resolved at this budget",
+                               "not run in this grid")
+CLAIMS = {
+    1: "Few-step generation: DMZ (binary z ~ Bernoulli(0.5), cross-attention) has a lower FD "
+       "than the same U-Net without z at K=10 and K=20, and the gap narrows by K=100.",
+    2: "Binary beats Gaussian: binary z ~ Bernoulli(0.5) generates better than a Gaussian z "
+       "of the same size ~ N(0, I), with no latent sampler for either.",
+    3: "Cross-attention beats the time embedding: z as keys/values of cross-attention beats z "
+       "added to the timestep embedding.",
+    4: "|z| trades generation for representation: as |z| grows, the probe accuracy rises and "
+       "the FD of Bernoulli samples worsens; a learned prior recovers part of that FD.",
+    5: "Faster convergence: DMZ has a lower FD at K=10 and a lower test NLL than the same "
+       "U-Net without z along training.",
+    6: "DDIM: DMZ is only partly compatible with DDIM (eta=0): its FD with DDIM is worse than "
+       "with the ancestral sampler at the same K.",
+}
+
+
+# --- numbers
+
+
+def seeds_values(results: dict, variant: str, get: Callable[[dict], Optional[float]]) -> list:
+    """The value `get` reads from each seed's result of `variant` (None values left out)."""
+    out = []
+    for (v, _), r in sorted(results.items(), key=lambda kv: kv[0][1]):
+        if v == variant:
+            try:
+                value = get(r)
+            except (KeyError, TypeError, IndexError):
+                value = None
+            if value is not None:
+                out.append(float(value))
+    return out
+
+
+def mean_sd(values: list) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.2g}"
+
+
+def compare(a: list, b: list, lower_is_better: bool = True) -> str:
+    """"better" when every seed of a beats every seed of b, "worse" for the reverse,
+    "within spread" otherwise (or with fewer than 2 seeds a side), "-" when one is absent."""
+    if not a or not b:
+        return "-"
+    if len(a) < 2 or len(b) < 2:
+        return "within spread"
+    if not lower_is_better:
+        a, b = [-x for x in a], [-x for x in b]
+    if max(a) < min(b):
+        return "better"
+    if min(a) > max(b):
+        return "worse"
+    return "within spread"
+
+
+def combine(outcomes: list[str]) -> str:
+    """One verdict from per-point outcomes of "A beats B"."""
+    outcomes = [o for o in outcomes if o != "-"]
+    if not outcomes:
+        return NOT_RUN
+    if all(o == "better" for o in outcomes):
+        return HOLDS
+    if "worse" in outcomes and "better" not in outcomes:
+        return FAILS
+    if "better" in outcomes and "worse" not in outcomes:
+        return f"partly holds ({outcomes.count('better')} of {len(outcomes)} points); " + OPEN
+    if "better" in outcomes:
+        return "mixed: better at some points, worse at others"
+    return OPEN
+
+
+def fd_of(kind: str, k) -> Callable[[dict], Optional[float]]:
+    return lambda r: r["fd"][kind][str(k)]
+
+
+# --- claims (each returns Markdown lines and a verdict)
+
+
+def _fd_table(results, rows: list[tuple[str, str, str]], steps) -> list[str]:
+    """rows: (label, variant, fd kind); one column per K."""
+    lines = ["| | " + " | ".join(f"K={k}" for k in steps) + " |",
+             "|---|" + "---|" * len(steps)]
+    for label, variant, kind in rows:
+        cells = [mean_sd(seeds_values(results, variant, fd_of(kind, k))) for k in steps]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _pairwise(results, a: tuple[str, str], b: tuple[str, str], steps) -> list[str]:
+    return [compare(seeds_values(results, a[0], fd_of(a[1], k)),
+                    seeds_values(results, b[0], fd_of(b[1], k))) for k in steps]
+
+
+def _outcome_row(label: str, outcomes: list[str]) -> str:
+    return f"| {label} | " + " | ".join(outcomes) + " |"
+
+
+def claim_versus(results, steps, reference: str, other: str, other_label: str,
+                 reference_kind: str = "ancestral", other_kind: str = "ancestral"):
+    """Claims 2, 3 and 6: reference beats other at every K."""
+    if not any(v == other for v, _ in results) or not any(v == reference for v, _ in results):
+        return [f"Variant `{other}` or `{reference}` is not in this grid."], NOT_RUN
+    outcomes = _pairwise(results, (reference, reference_kind), (other, other_kind), steps)
+    lines = _fd_table(results, [(f"`{reference}` ({reference_kind})", reference,
+                                 reference_kind),
+                                (f"`{other}` ({other_label})", other, other_kind)], steps)
+    lines.append(_outcome_row(f"`{reference}` ({reference_kind}) is", outcomes))
+    return lines, combine(outcomes)
+
+
+def claim_few_steps(results, steps):
+    lines, verdict = claim_versus(results, steps, "dmz", "no_z", "no z")
+    if verdict == NOT_RUN:
+        return lines, verdict
+    gaps = [np.mean(seeds_values(results, "no_z", fd_of("ancestral", k)))
+            - np.mean(seeds_values(results, "dmz", fd_of("ancestral", k))) for k in steps]
+    lines.append("| gap (no z - DMZ, means) | " + " | ".join(f"{g:.3g}" for g in gaps) + " |")
+    few = combine(_pairwise(results, ("dmz", "ancestral"), ("no_z", "ancestral"), steps[:2]))
+    narrows = abs(gaps[-1]) < abs(gaps[0])
+    lines.append("")
+    lines.append(f"At the two smallest K (DMZ's FD lower): {few}; the gap "
+                 f"{'narrows' if narrows else 'does not narrow'} from {gaps[0]:.3g} at "
+                 f"K={steps[0]} to {gaps[-1]:.3g} at K={steps[-1]}.")
+    if few == HOLDS and narrows:
+        return lines, HOLDS
+    if few == FAILS:
+        return lines, FAILS
+    return lines, OPEN if few != HOLDS else f"{OPEN} (lower FD holds; the gap does not narrow)"
+
+
+def _sweep(results, variants) -> list[tuple[int, str]]:
+    sizes = {}
+    for (v, _), r in results.items():
+        if v in variants:
+            sizes[v] = int(r["latent_dim"])
+    return sorted((d, v) for v, d in sizes.items())
+
+
+def _trend(values_by_point: list[list], increasing: bool) -> str:
+    """The trend claim over ordered points: means monotone and ends resolved."""
+    means = [np.mean(v) for v in values_by_point if v]
+    if len(means) < 2:
+        return NOT_RUN
+    diffs = np.diff(means)
+    monotone = bool(np.all(diffs > 0) if increasing else np.all(diffs < 0))
+    ends = compare(values_by_point[-1], values_by_point[0], lower_is_better=not increasing)
+    if ends == "better" and monotone:
+        return HOLDS
+    if ends == "worse":
+        return FAILS
+    if ends == "better":
+        return f"{OPEN} (ends differ as claimed, the means are not monotone)"
+    return OPEN
+
+
+def claim_latent_size(results, steps, variants):
+    sweep = _sweep(results, variants)
+    if len(sweep) < 2:
+        return ["Fewer than two |z| in this grid."], NOT_RUN
+    k_lo, k_hi = steps[0], steps[-1]
+    lines = ["| \\|z\\| | variant | probe accuracy | at init | distinct train codes | "
+             f"FD K={k_lo} Bernoulli | FD K={k_hi} Bernoulli | FD K={k_hi} learned prior | "
+             "learned prior bits/code |", "|---|---|---|---|---|---|---|---|---|"]
+    probe, fd_hi, learned_hi = [], [], []
+    for dim, v in sweep:
+        probe.append(seeds_values(results, v, lambda r: r["probe_accuracy"]))
+        fd_hi.append(seeds_values(results, v, fd_of("ancestral", k_hi)))
+        learned_hi.append(seeds_values(results, v, fd_of("learned", k_hi)))
+        cells = [mean_sd(probe[-1]),
+                 mean_sd(seeds_values(results, v, lambda r: r["probe_accuracy_at_init"])),
+                 mean_sd(seeds_values(results, v, lambda r: r["distinct_codes_train"])),
+                 mean_sd(seeds_values(results, v, fd_of("ancestral", k_lo))),
+                 mean_sd(fd_hi[-1]), mean_sd(learned_hi[-1]),
+                 mean_sd(seeds_values(results, v,
+                                      lambda r: r["prior"]["learned_bits_per_code"]))]
+        lines.append(f"| {dim} | `{v}` | " + " | ".join(cells) + " |")
+    rises = _trend(probe, increasing=True)
+    worsens = _trend(fd_hi, increasing=True)
+    recovers = combine([compare(learned_hi[-1], fd_hi[-1])])
+    lines += ["", f"- probe accuracy rises with |z|: **{rises}**",
+              f"- FD of Bernoulli samples at K={k_hi} worsens with |z|: **{worsens}**",
+              f"- the learned prior lowers the FD at |z|={sweep[-1][0]}, K={k_hi}: "
+              f"**{recovers}**"]
+    parts = [rises, worsens, recovers]
+    if all(p == HOLDS for p in parts):
+        return lines, HOLDS
+    if all(p == FAILS for p in parts):
+        return lines, FAILS
+    return lines, "in part: " + "; ".join(
+        f"{name} {p}" for name, p in zip(("probe", "FD", "learned prior"), parts))
+
+
+def claim_convergence(results, curve_k: int):
+    if not any(v == "no_z" for v, _ in results) or not any(v == "dmz" for v, _ in results):
+        return ["`dmz` or `no_z` is not in this grid."], NOT_RUN
+    steps = sorted({c["step"] for r in results.values() for c in r.get("curve", [])})
+
+    def at(variant, step, key):
+        return seeds_values(results, variant, lambda r: next(
+            c[key] for c in r["curve"] if c["step"] == step))
+
+    fd_key = f"fd_K{curve_k}"
+    lines = [f"| step | FD K={curve_k} `dmz` | FD K={curve_k} `no_z` | NLL `dmz` given z | "
+             "NLL `dmz` bound (+\\|z\\| bits) | NLL `no_z` |", "|---|---|---|---|---|---|"]
+    fd_out, nll_out = [], []
+    for step in steps:
+        fd_out.append(compare(at("dmz", step, fd_key), at("no_z", step, fd_key)))
+        nll_out.append(compare(at("dmz", step, "nll_bpd_bound"), at("no_z", step,
+                                                                    "nll_bpd_given_z")))
+        lines.append(f"| {step} | " + " | ".join(mean_sd(x) for x in (
+            at("dmz", step, fd_key), at("no_z", step, fd_key),
+            at("dmz", step, "nll_bpd_given_z"), at("dmz", step, "nll_bpd_bound"),
+            at("no_z", step, "nll_bpd_given_z"))) + " |")
+    lines.append(_outcome_row("`dmz` FD / bound is", [
+        f"{f} / {n}" for f, n in zip(fd_out, nll_out)]))
+    fd_v, nll_v = combine(fd_out), combine(nll_out)
+    lines += ["", f"- lower FD at K={curve_k} at every checkpoint: **{fd_v}**",
+              "- lower test NLL (DMZ's bound on -log p(x): its VLB given z plus |z| bits, "
+              f"against the plain model's VLB) at every checkpoint: **{nll_v}**"]
+    if fd_v == HOLDS and nll_v == HOLDS:
+        return lines, HOLDS
+    if fd_v == FAILS and nll_v == FAILS:
+        return lines, FAILS
+    return lines, f"in part: FD {fd_v}; NLL {nll_v}"
+
+
+# --- plots
+
+
+def _plot_fd_vs_k(results, grid, path: str) -> None:
+    import matplotlib.pyplot as plt
+    steps = list(grid["protocol"]["fd_steps"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant in grid["variants"]:
+        for kind, style in (("ancestral", "-o"), ("ddim", "--s"), ("learned", ":^")):
+            values = [seeds_values(results, variant, fd_of(kind, k)) for k in steps]
+            if not all(values):
+                continue
+            label = variant if kind == "ancestral" else f"{variant} ({kind})"
+            ax.errorbar(steps, [np.mean(v) for v in values],
+                        yerr=[np.std(v) for v in values], fmt=style, capsize=3, label=label)
+    ax.set(xscale="log", xlabel="K (sampling steps)", ylabel="FD (lower is better)",
+           xticks=steps, xticklabels=[str(k) for k in steps])
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _plot_latent_size(results, grid, path: str) -> None:
+    import matplotlib.pyplot as plt
+    sweep = _sweep(results, grid["protocol"].get("prior_variants", ()))
+    if len(sweep) < 2:
+        return
+    dims = [d for d, _ in sweep]
+    k_lo, k_hi = grid["protocol"]["fd_steps"][0], grid["protocol"]["fd_steps"][-1]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key, label in (("probe_accuracy", "trained"), ("probe_accuracy_at_init", "at init")):
+        values = [seeds_values(results, v, lambda r, key=key: r[key]) for _, v in sweep]
+        _errorbar(left, dims, values, label)
+    left.set(xscale="log", xlabel="|z| (bits)", ylabel="linear probe accuracy")
+    for kind, k in (("ancestral", k_lo), ("ancestral", k_hi), ("learned", k_hi)):
+        values = [seeds_values(results, v, fd_of(kind, k)) for _, v in sweep]
+        _errorbar(right, dims, values, f"{'Bernoulli' if kind == 'ancestral' else kind} K={k}")
+    right.set(xscale="log", xlabel="|z| (bits)", ylabel="FD")
+    for ax in (left, right):
+        ax.set_xticks(dims, [str(d) for d in dims])
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _plot_training(results, grid, path: str) -> None:
+    import matplotlib.pyplot as plt
+    k = grid["protocol"].get("curve_steps")
+    variants = [v for v in grid["protocol"].get("curve_variants", ())
+                if any(r.get("curve") for (name, _), r in results.items() if name == v)]
+    if not variants:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for v in variants:
+        steps = sorted({c["step"] for (name, _), r in results.items() if name == v
+                        for c in r["curve"]})
+
+        def at(key, v=v):
+            return [seeds_values(results, v, lambda r, s=s: next(
+                c[key] for c in r["curve"] if c["step"] == s)) for s in steps]
+        _errorbar(left, steps, at(f"fd_K{k}"), v)
+        _errorbar(right, steps, at("nll_bpd_given_z"), f"{v} (VLB given z)" if v != "no_z"
+                  else v)
+        if v != "no_z":
+            _errorbar(right, steps, at("nll_bpd_bound"), f"{v} (bound, + |z| bits)")
+    left.set(xlabel="training step", ylabel=f"FD at K={k}")
+    right.set(xlabel="training step", ylabel="test NLL (bits/dim)")
+    for ax in (left, right):
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _errorbar(ax, xs, values: list[list], label: str) -> None:
+    points = [(x, v) for x, v in zip(xs, values) if v]
+    if points:
+        ax.errorbar([x for x, _ in points], [np.mean(v) for _, v in points],
+                    yerr=[np.std(v) for _, v in points], fmt="-o", capsize=3, label=label)
+
+
+def _save(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})  # same results, same bytes
+    plt.close(fig)
+
+
+# --- the report
+
+
+def _runs_table(results, grid) -> list[str]:
+    lines = ["| variant | overrides | seed | steps | train s | eval s | train loss | probe | "
+             "probe at init | distinct codes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (v, seed), r in sorted(results.items(), key=lambda kv: (
+            list(grid["variants"]).index(kv[0][0]), kv[0][1])):
+        overrides = ", ".join(f"{k}={val}" for k, val in grid["variants"][v].items()) or "-"
+
+        def fmt(x, spec):
+            return "-" if x is None else format(x, spec)
+        lines.append(f"| `{v}` | {overrides} | {seed} | {r['step']} | "
+                     f"{fmt(r.get('train_seconds'), '.0f')} | {fmt(r['eval_seconds'], '.0f')} | "
+                     f"{fmt(r.get('train_loss'), '.4f')} | {fmt(r.get('probe_accuracy'), '.3f')} | "
+                     f"{fmt(r.get('probe_accuracy_at_init'), '.3f')} | "
+                     f"{fmt(r.get('distinct_codes_train'), 'd')} |")
+    return lines
+
+
+def write_report(grid: dict, results: dict, path: str, command: str) -> None:
+    """Writes the Markdown report at `path` and its PNGs in PATH-without-.md/."""
+    assets = os.path.splitext(path)[0]
+    os.makedirs(assets, exist_ok=True)
+    rel = os.path.relpath(assets, os.path.dirname(os.path.abspath(path)) or ".")
+    p = grid["protocol"]
+    steps = list(p["fd_steps"])
+    expected = [(v, s) for s in grid["seeds"] for v in grid["variants"]]
+    missing = [f"{v}/seed{s}" for v, s in expected if (v, s) not in results]
+    hardware = sorted({r["hardware"] for r in results.values()})
+    seconds = sum((r.get("train_seconds") or 0) + r["eval_seconds"] for r in results.values())
+    features = sorted({r.get("fd_features", "?") for r in results.values()})
+    out = [f"# Ablations: the paper's claims at the `{grid['name']}` budget", "",
+           "Every figure below was produced by one invocation of the runner and is read back "
+           "from its stored results:", "", "```", command, "```", "",
+           f"- **Grid**: `{grid['path']}`; base config `{grid['base']}` with "
+           + ", ".join(f"`{k}={v}`" for k, v in grid["common"].items())
+           + f"; seeds {tuple(grid['seeds'])}.",
+           f"- **Protocol** (every run alike): FD of {p['fd_num_samples']} generated images "
+           f"against as many training images, in the features of "
+           f"{' / '.join(features)} (a classifier trained here: not comparable to published "
+           f"FID), at K in {tuple(steps)} respaced steps, ancestral sampler, "
+           f"z ~ Bernoulli(0.5) (N(0, I) for the Gaussian latent), EMA parameters; linear "
+           f"probe on the deterministic codes; test NLL from the full VLB on "
+           f"{p['nll_examples']} test images.",
+           f"- **Hardware**: {'; '.join(hardware) or '-'}.",
+           f"- **Wall time** of the stored runs: {seconds / 60:.0f} min (training and "
+           f"evaluation; training time summed over the invocations that trained).",
+           f"- **Runs**: {len(results)} of {len(expected)} evaluated"
+           + (f"; not yet: {', '.join(missing)}." if missing else "."),
+           "- **Verdicts**: \"A beats B\" is resolved only when every seed of A beats every "
+           "seed of B (non-overlapping seed ranges, 2 seeds or more a side); otherwise it is "
+           "*not resolved at this budget*. Values are mean ± sample standard deviation over "
+           "seeds.", ""]
+    sections = [
+        (1, *claim_few_steps(results, steps)),
+        (2, *claim_versus(results, steps, "dmz", "gaussian", "Gaussian z ~ N(0, I)")),
+        (3, *claim_versus(results, steps, "dmz", "time_embedding", "z in the time embedding")),
+        (4, *claim_latent_size(results, steps, p.get("prior_variants", ()))),
+        (5, *claim_convergence(results, int(p.get("curve_steps", steps[0])))),
+        (6, *claim_versus(results, steps, "dmz", "dmz", "DDIM, eta=0", "ancestral", "ddim")),
+    ]
+    out += ["## Verdicts", "", "| claim | verdict |", "|---|---|"]
+    out += [f"| {n}. {CLAIMS[n].split(':')[0]} | {verdict} |" for n, _, verdict in sections]
+    out.append("")
+    for n, lines, verdict in sections:
+        out += [f"## Claim {n}", "", f"> {CLAIMS[n]}", ""] + lines + [
+            "", f"**Verdict: {verdict}.**", ""]
+    _plot_fd_vs_k(results, grid, os.path.join(assets, "fd_vs_k.png"))
+    _plot_latent_size(results, grid, os.path.join(assets, "latent_size.png"))
+    _plot_training(results, grid, os.path.join(assets, "training.png"))
+    out += ["## Plots", ""]
+    for name, caption in (("fd_vs_k", "FD against K per variant (error bars: SD over seeds)"),
+                          ("latent_size", "probe accuracy and FD against |z|"),
+                          ("training", "FD and test NLL along training")):
+        if os.path.exists(os.path.join(assets, f"{name}.png")):
+            out += [f"![{caption}]({rel}/{name}.png)", "", f"*{caption}.*", ""]
+    out += ["## Samples (seed 0, z from the prior, first K of the sample grids)", ""]
+    for v in grid["variants"]:
+        first = results.get((v, grid["seeds"][0]))
+        if first and first.get("samples") and os.path.exists(first["samples"][0]):
+            shutil.copyfile(first["samples"][0], os.path.join(assets, f"samples_{v}.png"))
+            out += [f"`{v}`: ![samples of {v}]({rel}/samples_{v}.png)", ""]
+    out += ["## Runs", ""] + _runs_table(results, grid) + [""]
+    with open(path, "w") as f:
+        f.write("\n".join(out))
