@@ -55,7 +55,8 @@ def train(config) -> int:
     try:
         train_lib.train_and_evaluate(config, FLAGS.workdir, fresh=FLAGS.fresh)
     except (config_checks.ConfigError, data.DatasetNotFoundError,
-            checkpointing.ConfigMismatchError, train_lib.NonFiniteError) as e:
+            checkpointing.ConfigMismatchError, checkpointing.CheckpointRestoreError,
+            train_lib.NonFiniteError) as e:
         return _refuse(e)
     return 0
 

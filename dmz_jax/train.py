@@ -139,7 +139,10 @@ def _check_finite(outputs: dict, step: int, limit: int) -> None:
         raise NonFiniteError(
             f"Loss or gradient not finite for {streak} steps in a row (steps "
             f"{step - streak + 1}..{step}); those updates were skipped and the last good "
-            "checkpoint is kept. Lower training.learning_rate or check the data.")
+            "checkpoint is kept. Rerun the same command with a lower "
+            "--config.training.learning_rate (or training.grad_clip, when it is > 0): the run "
+            "resumes from that checkpoint with the new value, no --fresh needed. If that does "
+            "not help, check the data for NaNs.")
     if streak:
         logging.warning("Step %d: non-finite loss or gradient, update skipped (%d in a row).",
                         step, streak)

@@ -78,7 +78,7 @@ def test_nonfinite_step_is_skipped_and_counted():
 
 
 @pytest.mark.slow  # end-to-end training run
-def test_nonfinite_streak_stops_the_run_naming_the_steps(tmp_path, monkeypatch):
+def test_nonfinite_streak_stops_the_run_naming_the_steps(tmp_path, monkeypatch, caplog):
     config = tiny_config()
     config.training.num_steps, config.training.max_nonfinite_steps = 6, 3
     config.training.checkpoint_every = 1
@@ -91,8 +91,10 @@ def test_nonfinite_streak_stops_the_run_naming_the_steps(tmp_path, monkeypatch):
             yield batch
 
     monkeypatch.setattr(data, "train_iterator", poisoned)
-    with pytest.raises(train.NonFiniteError, match=r"3 steps in a row \(steps 2\.\.4\)"):
+    with pytest.raises(train.NonFiniteError, match=r"3 steps in a row \(steps 2\.\.4\)") as err:
         train.train_and_evaluate(config, str(tmp_path))
+    assert "lower --config.training.learning_rate" in str(err.value)
+    assert "no --fresh needed" in str(err.value)
     # the newest checkpoint holds the step-1 parameters (nothing non-finite was applied)
     steps = _trained_steps(str(tmp_path))
     assert max(steps) <= 3
@@ -100,6 +102,13 @@ def test_nonfinite_streak_stops_the_run_naming_the_steps(tmp_path, monkeypatch):
     np.testing.assert_array_equal(restored["params"]["denoiser"]["out_conv"]["kernel"],
                                   first["params"]["denoiser"]["out_conv"]["kernel"])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored["params"]))
+    # following the advice works: the same workdir resumes with half the learning rate
+    config.training.learning_rate /= 2
+    with caplog.at_level(logging.INFO):
+        run = train.Run(config, str(tmp_path))
+    assert int(run.initial_state().step) == max(steps)
+    run.close()
+    assert "Resuming with training.learning_rate 0.001 -> 0.0005" in caplog.text
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -148,14 +157,15 @@ def test_checkpoint_of_another_model_is_refused_with_a_diff(two_checkpoints, tmp
     workdir = _copy(workdir, tmp_path)
     changed = tiny_config()
     changed.model.latent_dim = 16
-    changed.training.learning_rate = 5e-3
-    changed.training.num_steps = 50  # allowed to change
+    changed.training.ema_decay = 0.99
+    changed.training.num_steps, changed.training.learning_rate = 50, 5e-3  # may change
     with pytest.raises(checkpointing.ConfigMismatchError) as err:
         train.Run(changed, workdir)
     message = str(err.value)
     assert "model.latent_dim: 8 -> 16" in message
-    assert "training.learning_rate: 0.001 -> 0.005" in message
-    assert "num_steps" not in message and "--fresh" in message
+    assert "training.ema_decay: 0.999 -> 0.99" in message
+    assert "num_steps" not in message and "learning_rate" not in message
+    assert "--fresh" in message
     # --fresh moves the old checkpoints aside (nothing is deleted) and starts over
     run = train.Run(changed, workdir, fresh=True)
     assert int(run.initial_state().step) == 0
