@@ -51,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.learn_sigma = True
     m.use_scale_shift_norm = True
     m.num_groups = 32
+    # Memory and precision (README "Memory and precision knobs"); the defaults are exact:
+    m.dtype = "float32"  # compute: float32 | bfloat16 (params, optimizer state stay float32)
+    m.remat = False  # recompute ResBlock/attention activations in the backward pass
+    m.attention_impl = "xla"  # xla | dot_product_attention (jax.nn.dot_product_attention)
     m.encoder = e = ml_collections.ConfigDict()
     e.model_channels = 64
     e.channel_mult = (1, 2, 2, 2)
@@ -67,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.training = t = ml_collections.ConfigDict()
     t.batch_size = 128  # global, over all devices and hosts
+    t.grad_accum_steps = 1  # microbatches of batch_size / this, gradients averaged in-step
     t.num_steps = 500_000
     t.learning_rate = 1e-4
     t.weight_decay = 0.0

@@ -11,28 +11,30 @@ import ml_collections
 from dmz_jax.config_base import base_config
 from dmz_jax.data import specs
 from dmz_jax.diffusion import SCHEDULES
-from dmz_jax.model import CONDITIONINGS
+from dmz_jax.model import CONDITIONINGS, DTYPES
 from dmz_jax.networks.latent import BINARY_ESTIMATORS, LATENT_TYPES
+from dmz_jax.networks.layers import ATTENTION_IMPLS
 from dmz_jax.samplers import METHODS
 
 KINDS = ("type", "choice", "range", "dataset", "downsampling", "resolution", "divisible", "mesh")
 
 _CHOICES = {
-    "data.name": specs.DATASET_NAMES, "data.source": specs.FASHION_SOURCES,
+    "data.name": specs.DATASET_NAMES, "data.source": specs.FASHION_SOURCES, "model.dtype": DTYPES,
     "data.crop": tuple(specs.CELEBA_CROPS), "data.bad_images": specs.BAD_IMAGE_POLICIES,
     "data.wrong_size": specs.WRONG_SIZE_POLICIES, "model.latent_type": (*LATENT_TYPES, "none"),
     "model.conditioning": CONDITIONINGS, "model.binary_estimator": BINARY_ESTIMATORS,
-    "diffusion.schedule": SCHEDULES, "sampling.method": METHODS,
-}
+    "model.attention_impl": ATTENTION_IMPLS, "diffusion.schedule": SCHEDULES,
+    "sampling.method": METHODS}
 
 # key -> (test, rule shown). Counts >= 1, rates > 0, dropout and decay in [0, 1).
 _COUNT, _NON_NEGATIVE = (lambda v: v >= 1, "must be >= 1"), (lambda v: v >= 0, "must be >= 0")
 _POSITIVE, _FRACTION = (lambda v: v > 0, "must be > 0"), (lambda v: 0 <= v < 1, "must be in [0, 1)")
 _RANGES = {
-    **dict.fromkeys("""model.model_channels model.num_res_blocks model.num_heads model.num_groups
-        model.token_dim data.shuffle_buffer mesh.fsdp training.batch_size training.num_steps
-        training.log_every training.checkpoint_every training.sample_every sampling.num_samples
-        training.keep_checkpoints training.max_nonfinite_steps eval.encode_batch_size
+    **dict.fromkeys("""model.model_channels model.num_res_blocks model.num_heads
+        model.num_groups model.token_dim data.shuffle_buffer mesh.fsdp training.batch_size
+        training.num_steps training.log_every training.checkpoint_every
+        training.sample_every sampling.num_samples training.keep_checkpoints
+        training.max_nonfinite_steps training.grad_accum_steps eval.encode_batch_size
         eval.probe_train_examples eval.probe_test_examples""".split(), _COUNT),
     **dict.fromkeys("""training.warmup_steps training.weight_decay diffusion.vlb_weight
         model.encoder.center_examples sampling.eta""".split(), _NON_NEGATIVE),
@@ -41,8 +43,7 @@ _RANGES = {
     "model.channel_mult": (lambda v: v and min(v) >= 1, "must be non-empty, each >= 1"),
     "training.grad_clip": (lambda v: v >= 0, "must be >= 0 (0: no clipping)"),
     "diffusion.num_timesteps": (lambda v: v >= 2, "must be >= 2"),
-    "mesh.data": (lambda v: v == -1 or v >= 1, "must be >= 1, or -1 (what mesh.fsdp leaves)"),
-}
+    "mesh.data": (lambda v: v == -1 or v >= 1, "must be >= 1, or -1 (what mesh.fsdp leaves)")}
 _ENCODER_RANGES = {  # only when the encoder is built
     **dict.fromkeys(("model.latent_dim", "model.encoder.model_channels",
                      "model.encoder.num_res_blocks"), _COUNT),
@@ -69,10 +70,8 @@ class ConfigError(ValueError):
 
 def check_config(config: ml_collections.ConfigDict, *, num_devices: Optional[int] = None,
                  process_count: Optional[int] = None) -> None:
-    """Raises ConfigError listing every problem of `config` (from base_config()), else None.
-
-    num_devices (in the mesh) and process_count (hosts): None skips the checks that need it.
-    """
+    """Raises ConfigError listing every problem of `config` (from base_config()), else None;
+    num_devices (in the mesh) and process_count (hosts): None skips the checks that need it."""
     c = _Checker()
     _read(c, config, base_config(), "")
     encoder = "none" not in (c["model.latent_type"], c["model.conditioning"])  # create_model's
@@ -126,10 +125,10 @@ def _check_data(c: _Checker) -> None:
         return
     spec = specs.SPECS.get(name)  # None: image_folder, which converts to 1 or 3 channels
     allowed = (spec.channels,) if spec else (1, 3)
+    options = " or ".join(map(str, allowed))
     if channels is not None and channels not in allowed:
-        options = " or ".join(map(str, allowed))
-        c.add("data.channels", "dataset", channels,
-              f"{name} yields {options} channel(s); set data.channels={options}")
+        c.add("data.channels", "dataset", channels, f"{name} yields {options} channel(s); set "
+              f"data.channels={options}")
     least = spec.min_image_size if spec else specs.DatasetSpec.min_image_size
     if size is not None and size < least:
         why = " (its 28x28 images are padded, never cropped)" if name == "fashion_mnist" else ""
@@ -155,8 +154,7 @@ def _check_unet(c: _Checker, prefix: str) -> None:
         if bad:
             c.add(key, "resolution", resolutions, f"{bad} not among the {network}'s "
                   f"resolutions {available}; use values from {available}")
-    ch = c.get(f"{prefix}.model_channels")
-    if ch is None or ch < 1:
+    if (ch := c.get(f"{prefix}.model_channels")) is None or ch < 1:
         return
     _check_divides(c, "model.num_groups", [ch] + [ch * m for m in mult], network,
                    f"{prefix}.model_channels={ch} x channel_mult {tuple(mult)}")
@@ -173,8 +171,7 @@ def _check_unet(c: _Checker, prefix: str) -> None:
 def _check_divides(c: _Checker, key: str, widths: list[int], network: str, where: str) -> None:
     """`key` (GroupNorm groups or attention heads) must divide every width (channels)."""
     n = c.get(key)
-    bad = sorted({w for w in widths if w % n}) if n is not None and n >= 1 else []
-    if bad:
+    if n is not None and n >= 1 and (bad := sorted({w for w in widths if w % n})):
         c.add(key, "divisible", n, f"does not divide the {network}'s channel widths {bad} "
               f"({where}); use a divisor of {math.gcd(*widths)}")
 
@@ -184,10 +181,13 @@ def _check_devices(c: _Checker, num_devices: Optional[int], process_count: Optio
     for key, n, what in (("training.batch_size", process_count, "processes"),
                          ("training.batch_size", num_devices, "devices"),
                          ("eval.encode_batch_size", num_devices, "devices")):
-        value = c.get(key)
-        if n is not None and value is not None and value >= 1 and value % n:
+        if n is not None and (value := c.get(key)) is not None and value >= 1 and value % n:
             c.add(key, "divisible", value, f"not divisible by the {n} {what}; use a multiple "
                   f"of {n}, e.g. {math.ceil(value / n) * n}")
+    batch, k, d = c.get("training.batch_size"), c.get("training.grad_accum_steps"), num_devices or 1
+    if batch and k and batch >= 1 and k >= 1 and batch % d == 0 and batch // d % k:  # per device
+        c.add("training.grad_accum_steps", "divisible", k, f"training.batch_size={batch} does not "
+              f"split into {k} microbatches over {d} device(s); use a divisor of {batch // d}")
     data, fsdp, n = c.get("mesh.data"), c.get("mesh.fsdp"), num_devices
     if n is None or data is None or fsdp is None or fsdp < 1:
         return

@@ -21,6 +21,9 @@ from dmz_jax.networks.latent import Encoding
 from dmz_jax.networks.unet import Conditioning, Encoder, UNet
 
 CONDITIONINGS = ("cross_attention", "time_embedding", "none")
+# model.dtype -> the networks' compute dtype. Parameters (and so gradients and the optimizer
+# state) are float32 in both; None keeps float32 compute exactly as before the knob existed.
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 class ZTokens(nn.Module):
@@ -33,6 +36,7 @@ class ZTokens(nn.Module):
     token_dim: int
     mlp: bool = False
     init_scale: float = 1.0  # std of pos, on and off at initialisation
+    dtype: Optional[Any] = None  # compute dtype of the MLP's dense layers
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -44,8 +48,9 @@ class ZTokens(nn.Module):
         zz = z[..., None]
         tokens = pos + zz * on + (1.0 - zz) * off
         if self.mlp:
-            h = nn.Dense(4 * d, name="mlp_in")(nn.LayerNorm(name="mlp_norm")(tokens))
-            tokens = tokens + nn.Dense(d, name="mlp_out")(nn.gelu(h))
+            h = nn.Dense(4 * d, dtype=self.dtype, name="mlp_in")(
+                nn.LayerNorm(name="mlp_norm")(tokens))
+            tokens = tokens + nn.Dense(d, dtype=self.dtype, name="mlp_out")(nn.gelu(h))
         return tokens
 
 
@@ -77,10 +82,11 @@ class DMZ(nn.Module):
         return self.encoder.latent_dim if self.uses_latent else 0
 
     def setup(self):
+        dtype = self.denoiser.dtype
         if self.conditioning == "cross_attention":
-            self.z_tokens = ZTokens(self.token_dim, self.token_mlp, self.token_init_scale)
+            self.z_tokens = ZTokens(self.token_dim, self.token_mlp, self.token_init_scale, dtype)
         elif self.conditioning == "time_embedding":
-            self.z_time = nn.Dense(4 * self.denoiser.model_channels)
+            self.z_time = nn.Dense(4 * self.denoiser.model_channels, dtype=dtype)
 
     def encode(self, x: jax.Array, *, encoding: Encoding = Encoding.DETERMINISTIC,
                train: bool = False) -> jax.Array:
@@ -121,9 +127,14 @@ def resolutions_to_ds(image_size: int, resolutions) -> tuple[int, ...]:
 
 
 def create_model(config: ml_collections.ConfigDict) -> DMZ:
-    """Builds the DMZ module from `config.model` and `config.data`."""
+    """Builds the DMZ module from `config.model` and `config.data`.
+
+    model.dtype, model.remat and model.attention_impl reach both networks; none of them
+    changes the parameters (names, shapes, float32), only how they are computed with.
+    """
     m, size = config.model, config.data.image_size
     channels = config.data.channels
+    knobs = dict(dtype=DTYPES[m.dtype], remat=m.remat, attention_impl=m.attention_impl)
     cross_res = m.cross_attention_resolutions
     if cross_res is None:
         cross_res = m.attention_resolutions
@@ -139,6 +150,7 @@ def create_model(config: ml_collections.ConfigDict) -> DMZ:
         dropout=m.dropout,
         use_scale_shift_norm=m.use_scale_shift_norm,
         num_groups=m.num_groups,
+        **knobs,
     )
     encoder = None
     if m.latent_type != "none" and m.conditioning != "none":
@@ -152,6 +164,7 @@ def create_model(config: ml_collections.ConfigDict) -> DMZ:
             num_heads=m.num_heads,
             dropout=e.dropout,
             num_groups=m.num_groups,
+            **knobs,
         )
     return DMZ(denoiser=denoiser, encoder=encoder, latent_type=m.latent_type,
                conditioning=m.conditioning, token_dim=m.token_dim, token_mlp=m.token_mlp,

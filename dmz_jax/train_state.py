@@ -110,10 +110,16 @@ def ema_decay_at(step: jax.Array, decay: float, warmup: bool = True) -> jax.Arra
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def _loss_fn(params, x0, rngs: dict, *, model: DMZ, diff, config):
-    """Hybrid loss of a batch [B, H, W, C] -> (loss, per-term means and z_mean)."""
-    t = jax.random.randint(rngs["t"], (x0.shape[0],), 0, diff.num_timesteps)
+def _draw_t_noise(rngs: dict, x0: jax.Array, num_timesteps: int):
+    """The timesteps t (int32 [B], uniform in 0..T-1) and noise ([B, H, W, C]) of a batch."""
+    t = jax.random.randint(rngs["t"], (x0.shape[0],), 0, num_timesteps)
     noise = jax.random.normal(rngs["noise"], x0.shape, x0.dtype)
+    return t, noise
+
+
+def _loss_fn(params, x0, t, noise, rngs: dict, *, model: DMZ, diff, config):
+    """Hybrid loss of images x0 [B, H, W, C] at timesteps t [B] with noise [B, H, W, C]
+    -> (loss, {loss, mse, vb, z_mean}: float32 means over the batch)."""
     variables = {"params": params}
     z = None
     if model.uses_latent:
@@ -132,9 +138,46 @@ def _loss_fn(params, x0, rngs: dict, *, model: DMZ, diff, config):
     return aux["loss"], aux
 
 
+def _microbatches(x: jax.Array, steps: int) -> jax.Array:
+    """[B, ...] -> [steps, B / steps, ...]; microbatch j holds examples j, j + steps, ...
+
+    A strided split: each device's contiguous block of the batch gives every microbatch
+    the same number of its own examples, so no example moves between devices.
+    """
+    return jnp.swapaxes(x.reshape(x.shape[0] // steps, steps, *x.shape[1:]), 0, 1)
+
+
+def mean_grads(loss_fn: Callable, params, x0: jax.Array, rngs: dict, num_timesteps: int,
+               steps: int = 1):
+    """(gradient, aux) of the batch-mean loss, over `steps` microbatches of B / steps images.
+
+    loss_fn(params, x0, t, noise, rngs) -> (loss, aux of scalar means). t and noise are drawn
+    once for the whole batch [B, ...], so they do not depend on `steps`; with steps > 1 the
+    dropout and latent keys are folded with the microbatch index. Gradients and aux are
+    summed in float32 over a lax.scan and divided by `steps`: the same mean as steps = 1
+    (equal microbatches), with the activations of one microbatch alive at a time.
+    """
+    t, noise = _draw_t_noise(rngs, x0, num_timesteps)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if steps == 1:
+        return grad_fn(params, x0, t, noise, rngs)
+    xs = (jnp.arange(steps), *(_microbatches(a, steps) for a in (x0, t, noise)))
+
+    def body(total, inputs):
+        j, x, tj, nj = inputs
+        keys = {k: jax.random.fold_in(key, j) for k, key in rngs.items()}
+        return jax.tree.map(jnp.add, total, grad_fn(params, x, tj, nj, keys)), None
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, params, xs[1][0], xs[2][0], xs[3][0], rngs))
+    total, _ = jax.lax.scan(body, zeros, xs)
+    return jax.tree.map(lambda v: v / steps, total)
+
+
 def train_step(state: TrainState, batch: dict, *, model: DMZ, diff: diffusion.Diffusion,
                tx: optax.GradientTransformation, config) -> tuple[TrainState, dict]:
-    """One optimizer step on a global batch {"image": [B, H, W, C]}.
+    """One optimizer step on a global batch {"image": [B, H, W, C]}, its gradient averaged
+    over training.grad_accum_steps microbatches (`mean_grads`).
 
     Returns (state, {"metrics": TrainMetrics of this step, "nonfinite_streak",
     "skipped_steps"}). A step whose loss or gradient norm is not finite changes nothing but
@@ -143,7 +186,8 @@ def train_step(state: TrainState, batch: dict, *, model: DMZ, diff: diffusion.Di
     keys = jax.random.split(jax.random.fold_in(state.rng, state.step), 4)
     rngs = dict(zip(("t", "noise", "dropout", "latent"), keys))
     loss_fn = functools.partial(_loss_fn, model=model, diff=diff, config=config)
-    grads, out = jax.grad(loss_fn, has_aux=True)(state.params, batch["image"], rngs)
+    grads, out = mean_grads(loss_fn, state.params, batch["image"], rngs, diff.num_timesteps,
+                            config.training.grad_accum_steps)
     out["grad_norm"] = optax.tree.norm(grads)
     out["encoder_grad_norm"] = optax.tree.norm(grads.get("encoder", {}))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -6,12 +6,16 @@ when striding), GroupNorm with 32 groups and epsilon 1e-5 computed in float32, t
 embedding laid out as [cos | sin], scale-shift conditioning applied as norm(h) * (1 + scale)
 + shift with scale first, and the qkv projection split into heads as contiguous
 [q | k | v] blocks per head.
+
+Precision: `dtype` None computes in the input's dtype (float32); jnp.bfloat16 casts the
+float32 parameters and the activations of every conv and dense layer to bfloat16, while
+GroupNorm statistics and the attention softmax stay float32 (see `attend`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -19,6 +23,9 @@ import jax.numpy as jnp
 
 # Same padding as PyTorch's `padding=1`; Flax's "SAME" pads (0, 1) when striding by 2.
 PAD_1 = ((1, 1), (1, 1))
+# How attention is computed: "xla" is the explicit softmax(q k^T / sqrt(d)) v below;
+# "dot_product_attention" is jax.nn.dot_product_attention (implementation=None).
+ATTENTION_IMPLS = ("xla", "dot_product_attention")
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -53,21 +60,23 @@ class GroupNorm32(nn.Module):
 
 
 def conv3x3(features: int, name: Optional[str] = None, zero_init: bool = False,
-            strides: int = 1) -> nn.Conv:
+            strides: int = 1, dtype: Optional[Any] = None) -> nn.Conv:
+    """3x3 conv padded by one pixel on every side; `dtype` is the compute dtype."""
     init = nn.initializers.zeros if zero_init else nn.linear.default_kernel_init
     return nn.Conv(features, (3, 3), strides=(strides, strides), padding=PAD_1,
-                   kernel_init=init, name=name)
+                   kernel_init=init, dtype=dtype, name=name)
 
 
 class Downsample(nn.Module):
     """Halves H and W: a stride-2 3x3 conv (padding 1) or 2x2 average pooling."""
 
     use_conv: bool = True
+    dtype: Optional[Any] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.use_conv:
-            return conv3x3(x.shape[-1], strides=2, name="op")(x)
+            return conv3x3(x.shape[-1], strides=2, dtype=self.dtype, name="op")(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -75,12 +84,13 @@ class Upsample(nn.Module):
     """Doubles H and W by nearest-neighbour repetition, then an optional 3x3 conv."""
 
     use_conv: bool = True
+    dtype: Optional[Any] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         if self.use_conv:
-            x = conv3x3(x.shape[-1], name="conv")(x)
+            x = conv3x3(x.shape[-1], dtype=self.dtype, name="conv")(x)
         return x
 
 
@@ -95,36 +105,44 @@ class ResBlock(nn.Module):
     dropout: float = 0.0
     use_scale_shift_norm: bool = True
     num_groups: int = 32
+    dtype: Optional[Any] = None  # compute dtype (None: the input's)
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: Optional[jax.Array], train: bool) -> jax.Array:
         h = nn.silu(GroupNorm32(self.num_groups, name="in_norm")(x))
-        h = conv3x3(self.out_channels, name="in_conv")(h)
+        h = conv3x3(self.out_channels, name="in_conv", dtype=self.dtype)(h)
         out_norm = GroupNorm32(self.num_groups, name="out_norm")
         if emb is None:
             h = out_norm(h)
         else:
             width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-            emb_out = nn.Dense(width, name="emb_proj")(nn.silu(emb))[:, None, None, :]
+            emb_out = nn.Dense(width, dtype=self.dtype, name="emb_proj")(nn.silu(emb))
+            emb_out = emb_out[:, None, None, :]
             if self.use_scale_shift_norm:
                 scale, shift = jnp.split(emb_out, 2, axis=-1)
                 h = out_norm(h) * (1 + scale) + shift
             else:
                 h = out_norm(h + emb_out)
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
-        h = conv3x3(self.out_channels, name="out_conv", zero_init=True)(h)
+        h = conv3x3(self.out_channels, name="out_conv", zero_init=True, dtype=self.dtype)(h)
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), name="skip")(x)
+            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="skip")(x)
         return x + h
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> jax.Array:
     """Scaled dot-product attention. q: [B, Tq, H, D]; k, v: [B, Tk, H, D] -> [B, Tq, H, D].
 
-    The softmax runs in float32 whatever the input dtype.
+    impl "xla": q and k each scaled by D^-1/4 (I-DDPM's order), logits and softmax in float32
+    whatever the input dtype, weights cast back to v's dtype. "dot_product_attention":
+    jax.nn.dot_product_attention (scale D^-1/2, float32 logits and softmax as well); with
+    implementation=None, which in jax 0.10 always runs the same XLA computation.
     """
+    if impl == "dot_product_attention":
+        return jax.nn.dot_product_attention(q, k, v, implementation=None)
     scale = 1.0 / math.sqrt(math.sqrt(q.shape[-1]))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k * scale).astype(jnp.float32)
+    wide = {} if q.dtype == jnp.float32 else {"preferred_element_type": jnp.float32}
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k * scale, **wide).astype(jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
@@ -138,16 +156,19 @@ class AttentionBlock(nn.Module):
 
     num_heads: int = 1
     num_groups: int = 32
+    dtype: Optional[Any] = None
+    attention_impl: str = "xla"  # one of ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hgt, wid, c = x.shape
         assert c % self.num_heads == 0, (c, self.num_heads)
-        qkv = nn.Dense(3 * c, name="qkv")(GroupNorm32(self.num_groups, name="norm")(x))
+        normed = GroupNorm32(self.num_groups, name="norm")(x)
+        qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(normed)
         qkv = qkv.reshape(b, hgt * wid, self.num_heads, 3 * c // self.num_heads)
         q, k, v = jnp.split(qkv, 3, axis=-1)
-        h = _attend(q, k, v).reshape(b, hgt, wid, c)
-        return x + nn.Dense(c, kernel_init=nn.initializers.zeros, name="proj_out")(h)
+        h = attend(q, k, v, self.attention_impl).reshape(b, hgt, wid, c)
+        return x + _zero_dense(c, self.dtype)(h)
 
 
 class CrossAttention(nn.Module):
@@ -160,16 +181,23 @@ class CrossAttention(nn.Module):
 
     num_heads: int = 1
     num_groups: int = 32
+    dtype: Optional[Any] = None
+    attention_impl: str = "xla"  # one of ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array, tokens: jax.Array) -> jax.Array:
         b, hgt, wid, c = x.shape
         heads, head_dim = self.num_heads, c // self.num_heads
-        q = nn.Dense(c, name="q")(GroupNorm32(self.num_groups, name="norm")(x))
-        k = nn.Dense(c, name="k")(tokens)
-        v = nn.Dense(c, name="v")(tokens)
+        q = nn.Dense(c, dtype=self.dtype, name="q")(GroupNorm32(self.num_groups, name="norm")(x))
+        k = nn.Dense(c, dtype=self.dtype, name="k")(tokens)
+        v = nn.Dense(c, dtype=self.dtype, name="v")(tokens)
         q = q.reshape(b, hgt * wid, heads, head_dim)
         k = k.reshape(b, tokens.shape[1], heads, head_dim)
         v = v.reshape(b, tokens.shape[1], heads, head_dim)
-        h = _attend(q, k, v).reshape(b, hgt, wid, c)
-        return x + nn.Dense(c, kernel_init=nn.initializers.zeros, name="proj_out")(h)
+        h = attend(q, k, v, self.attention_impl).reshape(b, hgt, wid, c)
+        return x + _zero_dense(c, self.dtype)(h)
+
+
+def _zero_dense(features: int, dtype: Optional[Any]) -> nn.Dense:
+    """The zero-initialised output projection "proj_out" of the attention blocks."""
+    return nn.Dense(features, kernel_init=nn.initializers.zeros, dtype=dtype, name="proj_out")

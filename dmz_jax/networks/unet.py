@@ -6,11 +6,18 @@ The latent enters in one of two ways, chosen by the caller (`dmz_jax.model`):
   - cross-attention: `cond.tokens` [B, L, D]; a `CrossAttention` sublayer follows every
     self-attention block at the cross-attention resolutions and in the middle block;
   - time embedding: `cond.time` [B, E] is added to the timestep embedding.
+
+Memory and precision knobs (none changes the parameters or their names):
+  - `dtype`: compute dtype of convs, dense layers and activations (None: float32); the
+    output is float32 either way;
+  - `remat`: every ResBlock, AttentionBlock and CrossAttention is rematerialised
+    (flax.linen.remat): its activations are recomputed in the backward pass, not stored;
+  - `attention_impl`: one of layers.ATTENTION_IMPLS.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -26,6 +33,18 @@ class Conditioning:
 
     tokens: Optional[jax.Array] = None  # [B, L, D], keys/values for cross-attention
     time: Optional[jax.Array] = None  # [B, 4 * model_channels], added to the time embedding
+
+
+# (ResBlock, AttentionBlock, CrossAttention), plain and rematerialised. ResBlock's `train`
+# (argument 3, counting self) is a Python bool, so it is static under remat.
+_BLOCKS = (layers.ResBlock, layers.AttentionBlock, layers.CrossAttention)
+_REMAT_BLOCKS = (nn.remat(layers.ResBlock, static_argnums=(3,)),
+                 nn.remat(layers.AttentionBlock), nn.remat(layers.CrossAttention))
+
+
+def blocks(remat: bool) -> tuple[type, type, type]:
+    """The (ResBlock, AttentionBlock, CrossAttention) classes, rematerialised if `remat`."""
+    return _REMAT_BLOCKS if remat else _BLOCKS
 
 
 class UNet(nn.Module):
@@ -46,18 +65,28 @@ class UNet(nn.Module):
     use_scale_shift_norm: bool = True
     conv_resample: bool = True
     num_groups: int = 32
+    dtype: Optional[Any] = None  # compute dtype; None: float32
+    remat: bool = False
+    attention_impl: str = "xla"
 
     def _res(self, channels: int, name: str) -> layers.ResBlock:
-        return layers.ResBlock(channels, self.dropout, self.use_scale_shift_norm,
-                               self.num_groups, name=name)
+        return blocks(self.remat)[0](channels, self.dropout, self.use_scale_shift_norm,
+                                     self.num_groups, self.dtype, name=name)
+
+    def _self_attn(self, name: str) -> layers.AttentionBlock:
+        return blocks(self.remat)[1](self.num_heads, self.num_groups, self.dtype,
+                                     self.attention_impl, name=name)
+
+    def _cross_attn(self, name: str) -> layers.CrossAttention:
+        return blocks(self.remat)[2](self.num_heads, self.num_groups, self.dtype,
+                                     self.attention_impl, name=name)
 
     def _attend(self, h, ds: int, cond: Optional[Conditioning], name: str):
         """Self-attention at the attention resolutions, then cross-attention where asked."""
         if ds in self.attention_ds:
-            h = layers.AttentionBlock(self.num_heads, self.num_groups, name=f"{name}_attn")(h)
+            h = self._self_attn(f"{name}_attn")(h)
         if cond is not None and cond.tokens is not None and ds in self.cross_attention_ds:
-            h = layers.CrossAttention(self.num_heads, self.num_groups,
-                                      name=f"{name}_cross_attn")(h, cond.tokens)
+            h = self._cross_attn(f"{name}_cross_attn")(h, cond.tokens)
         return h
 
     @nn.compact
@@ -65,12 +94,12 @@ class UNet(nn.Module):
                  train: bool = False) -> jax.Array:
         ch = self.model_channels
         emb = layers.timestep_embedding(t, ch)
-        emb = nn.Dense(4 * ch, name="time_embed_0")(emb)
-        emb = nn.Dense(4 * ch, name="time_embed_1")(nn.silu(emb))
+        emb = nn.Dense(4 * ch, dtype=self.dtype, name="time_embed_0")(emb)
+        emb = nn.Dense(4 * ch, dtype=self.dtype, name="time_embed_1")(nn.silu(emb))
         if cond is not None and cond.time is not None:
             emb = emb + cond.time
 
-        h = layers.conv3x3(ch, name="in_conv")(x)
+        h = layers.conv3x3(ch, name="in_conv", dtype=self.dtype)(x)
         skips, ds = [h], 1
         for level, mult in enumerate(self.channel_mult):
             for i in range(self.num_res_blocks):
@@ -78,15 +107,15 @@ class UNet(nn.Module):
                 h = self._attend(h, ds, cond, f"down_{level}_{i}")
                 skips.append(h)
             if level != len(self.channel_mult) - 1:
-                h = layers.Downsample(self.conv_resample, name=f"down_{level}_downsample")(h)
+                h = layers.Downsample(self.conv_resample, self.dtype,
+                                      name=f"down_{level}_downsample")(h)
                 skips.append(h)
                 ds *= 2
 
         h = self._res(h.shape[-1], "mid_0")(h, emb, train)
-        h = layers.AttentionBlock(self.num_heads, self.num_groups, name="mid_attn")(h)
+        h = self._self_attn("mid_attn")(h)
         if cond is not None and cond.tokens is not None:
-            h = layers.CrossAttention(self.num_heads, self.num_groups,
-                                      name="mid_cross_attn")(h, cond.tokens)
+            h = self._cross_attn("mid_cross_attn")(h, cond.tokens)
         h = self._res(h.shape[-1], "mid_1")(h, emb, train)
 
         for level, mult in reversed(list(enumerate(self.channel_mult))):
@@ -95,11 +124,14 @@ class UNet(nn.Module):
                 h = self._res(mult * ch, f"up_{level}_{i}")(h, emb, train)
                 h = self._attend(h, ds, cond, f"up_{level}_{i}")
                 if level and i == self.num_res_blocks:
-                    h = layers.Upsample(self.conv_resample, name=f"up_{level}_upsample")(h)
+                    h = layers.Upsample(self.conv_resample, self.dtype,
+                                        name=f"up_{level}_upsample")(h)
                     ds //= 2
 
         h = nn.silu(layers.GroupNorm32(self.num_groups, name="out_norm")(h))
-        return layers.conv3x3(self.out_channels, name="out_conv", zero_init=True)(h)
+        out = layers.conv3x3(self.out_channels, name="out_conv", zero_init=True,
+                             dtype=self.dtype)(h)
+        return out.astype(jnp.float32)
 
 
 class Encoder(nn.Module):
@@ -117,21 +149,26 @@ class Encoder(nn.Module):
     num_heads: int = 4
     dropout: float = 0.0
     num_groups: int = 32
+    dtype: Optional[Any] = None  # the UNet's knobs, for the encoder's blocks
+    remat: bool = False
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        h = layers.conv3x3(self.model_channels, name="in_conv")(x)
+        res_block, attn_block, _ = blocks(self.remat)
+        h = layers.conv3x3(self.model_channels, name="in_conv", dtype=self.dtype)(x)
         ds = 1
         for level, mult in enumerate(self.channel_mult):
             for i in range(self.num_res_blocks):
-                h = layers.ResBlock(mult * self.model_channels, self.dropout,
-                                    num_groups=self.num_groups, name=f"down_{level}_{i}")(
-                                        h, None, train)
+                h = res_block(mult * self.model_channels, self.dropout, True, self.num_groups,
+                              self.dtype, name=f"down_{level}_{i}")(h, None, train)
                 if ds in self.attention_ds:
-                    h = layers.AttentionBlock(self.num_heads, self.num_groups,
-                                              name=f"down_{level}_{i}_attn")(h)
+                    h = attn_block(self.num_heads, self.num_groups, self.dtype,
+                                   self.attention_impl, name=f"down_{level}_{i}_attn")(h)
             if level != len(self.channel_mult) - 1:
-                h = layers.Downsample(True, name=f"down_{level}_downsample")(h)
+                h = layers.Downsample(True, self.dtype, name=f"down_{level}_downsample")(h)
                 ds *= 2
         h = nn.silu(layers.GroupNorm32(self.num_groups, name="out_norm")(h))
-        return nn.Dense(self.latent_dim, name="to_logits")(jnp.mean(h, axis=(1, 2)))
+        pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))  # float32 mean over H x W
+        logits = nn.Dense(self.latent_dim, dtype=self.dtype, name="to_logits")(pooled)
+        return logits.astype(jnp.float32)
