@@ -265,8 +265,45 @@ def protocol_of(grid: dict) -> dict:
                                   "base": grid["base"]}, sort_keys=True))
 
 
+def _claim(workdir: str) -> bool:
+    """Takes WORKDIR/.running for this process; False while another live process holds it.
+
+    Several copies of the same command can so share a grid (one per core or machine on a
+    shared filesystem): each run is trained and evaluated by one of them.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    lock = os.path.join(workdir, ".running")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    os.kill(int(f.read() or 0), 0)  # raises when that process is gone
+                return False
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                _remove(lock)  # left by a killed process: take it over
+                continue
+            except PermissionError:
+                return False  # alive, another user's
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 def run_grid(grid: dict, root: str) -> dict:
-    """Trains and evaluates every run not done yet; returns {(variant, seed): result}."""
+    """Trains and evaluates every run not done yet; returns {(variant, seed): result}.
+
+    A run that another live process is working on (see `_claim`) is left to it and is
+    missing from the returned results."""
     check_grid(grid)
     features, results = Features(grid), {}
     for variant, seed in runs_of(grid):
@@ -277,13 +314,19 @@ def run_grid(grid: dict, root: str) -> dict:
             logging.info("Skip %s: evaluated", workdir)
             results[variant, seed] = stored
             continue
-        config = run_config(grid, variant, seed)
-        train_run(config, workdir)
-        result = evaluate_run(grid, variant, seed, config, workdir, features)
-        result["protocol"] = protocol_of(grid)
-        result["fd_features"] = features.get()[0]
-        _write_json(path, result)
-        results[variant, seed] = result
+        if not _claim(workdir):
+            logging.info("Skip %s: another process is running it", workdir)
+            continue
+        try:
+            config = run_config(grid, variant, seed)
+            train_run(config, workdir)
+            result = evaluate_run(grid, variant, seed, config, workdir, features)
+            result["protocol"] = protocol_of(grid)
+            result["fd_features"] = features.get()[0]
+            _write_json(path, result)
+            results[variant, seed] = result
+        finally:
+            _remove(os.path.join(workdir, ".running"))
     return results
 
 

@@ -52,12 +52,18 @@ def seeds_values(results: dict, variant: str, get: Callable[[dict], Optional[flo
     return out
 
 
+def _num(x: float, digits: int = 3) -> str:
+    """Whole numbers from 100 up (FD), else `digits` significant digits."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.{digits}g}"
+
+
 def mean_sd(values: list) -> str:
+    """"mean ± sample SD" over seeds; the value alone for one seed; "-" for none."""
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.3g}"
-    return f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.2g}"
+        return _num(values[0])
+    return f"{_num(np.mean(values))} ± {_num(np.std(values, ddof=1), 2)}"
 
 
 def compare(a: list, b: list, lower_is_better: bool = True) -> str:
@@ -137,13 +143,13 @@ def claim_few_steps(results, steps):
         return lines, verdict
     gaps = [np.mean(seeds_values(results, "no_z", fd_of("ancestral", k)))
             - np.mean(seeds_values(results, "dmz", fd_of("ancestral", k))) for k in steps]
-    lines.append("| gap (no z - DMZ, means) | " + " | ".join(f"{g:.3g}" for g in gaps) + " |")
+    lines.append("| gap (no z - DMZ, means) | " + " | ".join(_num(g) for g in gaps) + " |")
     few = combine(_pairwise(results, ("dmz", "ancestral"), ("no_z", "ancestral"), steps[:2]))
     narrows = abs(gaps[-1]) < abs(gaps[0])
     lines.append("")
     lines.append(f"At the two smallest K (DMZ's FD lower): {few}; the gap "
-                 f"{'narrows' if narrows else 'does not narrow'} from {gaps[0]:.3g} at "
-                 f"K={steps[0]} to {gaps[-1]:.3g} at K={steps[-1]}.")
+                 f"{'narrows' if narrows else 'does not narrow'} from {_num(gaps[0])} at "
+                 f"K={steps[0]} to {_num(gaps[-1])} at K={steps[-1]}.")
     if few == HOLDS and narrows:
         return lines, HOLDS
     if few == FAILS:

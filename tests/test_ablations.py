@@ -98,13 +98,13 @@ def test_grid_errors_before_any_training(tmp_path):
         ablations.load_grid(str(tmp_path / "absent.py"))
 
 
-@pytest.mark.slow  # trains and evaluates 4 tiny runs (about 2 minutes)
+@pytest.mark.slow  # trains and evaluates 2 tiny runs (about a minute)
 def test_tiny_grid_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     grid = ablations.load_grid(TINY_GRID)
     root, out = str(tmp_path / "runs"), str(tmp_path / "docs" / "results.md")
     command = ablations.command_of(TINY_GRID, root, out)
     results = ablations.run_grid(grid, root)
-    assert sorted(results) == [("dmz", 0), ("dmz", 1), ("no_z", 0), ("no_z", 1)]
+    assert sorted(results) == [("dmz", 0), ("no_z", 0)]
     report.write_report(grid, ablations.stored_results(grid, root), out, command)
 
     dmz = results["dmz", 0]
@@ -118,7 +118,7 @@ def test_tiny_grid_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     text = open(out).read()
     for n in range(1, 7):
         assert f"## Claim {n}" in text
-    assert command in text and "4 of 4 evaluated" in text
+    assert command in text and "2 of 2 evaluated" in text
     assets = os.path.join(str(tmp_path / "docs"), "results")
     pictures = {name: open(os.path.join(assets, name), "rb").read()
                 for name in sorted(os.listdir(assets))}
