@@ -299,9 +299,21 @@ def _remove(path: str) -> None:
         pass
 
 
-def run_grid(grid: dict, root: str) -> dict:
+def _stored(grid: dict, root: str, store: Optional[str], variant: str, seed: int):
+    """The run's evaluation under this grid's protocol, from its workdir or the store."""
+    for path in (os.path.join(workdir_of(root, variant, seed), "ablation.json"),
+                 store and os.path.join(store, f"{variant}-seed{seed}.json")):
+        stored = path and _read_json(path)
+        if stored and stored.get("protocol") == protocol_of(grid):
+            return stored
+    return None
+
+
+def run_grid(grid: dict, root: str, store: Optional[str] = None) -> dict:
     """Trains and evaluates every run not done yet; returns {(variant, seed): result}.
 
+    store: a folder (kept in git beside the report) that holds a copy of every run's
+    evaluation, VARIANT-seedS.json; a run found there is done even when its workdir is gone.
     A run that another live process is working on (see `_claim`) is left to it and is
     missing from the returned results."""
     check_grid(grid)
@@ -309,8 +321,8 @@ def run_grid(grid: dict, root: str) -> dict:
     for variant, seed in runs_of(grid):
         workdir = workdir_of(root, variant, seed)
         path = os.path.join(workdir, "ablation.json")
-        stored = _read_json(path)
-        if stored and stored.get("protocol") == protocol_of(grid):
+        stored = _stored(grid, root, store, variant, seed)
+        if stored:
             logging.info("Skip %s: evaluated", workdir)
             results[variant, seed] = stored
             continue
@@ -324,18 +336,22 @@ def run_grid(grid: dict, root: str) -> dict:
             result["protocol"] = protocol_of(grid)
             result["fd_features"] = features.get()[0]
             _write_json(path, result)
+            if store:
+                os.makedirs(store, exist_ok=True)
+                _write_json(os.path.join(store, f"{variant}-seed{seed}.json"), result)
             results[variant, seed] = result
         finally:
             _remove(os.path.join(workdir, ".running"))
     return results
 
 
-def stored_results(grid: dict, root: str) -> dict:
-    """{(variant, seed): ablation.json} of the runs evaluated under this grid's protocol."""
+def stored_results(grid: dict, root: str, store: Optional[str] = None) -> dict:
+    """{(variant, seed): evaluation} of the runs evaluated under this grid's protocol
+    (from the workdirs, else from the store; see `run_grid`)."""
     out = {}
     for variant, seed in runs_of(grid):
-        stored = _read_json(os.path.join(workdir_of(root, variant, seed), "ablation.json"))
-        if stored and stored.get("protocol") == protocol_of(grid):
+        stored = _stored(grid, root, store, variant, seed)
+        if stored:
             out[variant, seed] = stored
     return out
 
@@ -353,14 +369,19 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.root, ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from experiments import report
+    store = os.path.join(os.path.splitext(FLAGS.results)[0], "runs")
     try:
         grid = load_grid(FLAGS.grid)
         if not FLAGS.report_only:
-            run_grid(grid, FLAGS.root)
+            run_grid(grid, FLAGS.root, store)
     except GridError as e:
         print(f"\nERROR: {e}", file=sys.stderr)
         return 2
-    report.write_report(grid, stored_results(grid, FLAGS.root), FLAGS.results,
+    results = stored_results(grid, FLAGS.root, store)
+    for (variant, seed), result in results.items():  # runs evaluated before the store existed
+        os.makedirs(store, exist_ok=True)
+        _write_json(os.path.join(store, f"{variant}-seed{seed}.json"), result)
+    report.write_report(grid, results, FLAGS.results,
                         command_of(FLAGS.grid, FLAGS.root, FLAGS.results))
     print(f"Wrote {FLAGS.results}")
     return 0

@@ -385,6 +385,7 @@ def write_report(grid: dict, results: dict, path: str, command: str) -> None:
            f"- **Hardware**: {'; '.join(hardware) or '-'}.",
            f"- **Wall time** of the stored runs: {seconds / 60:.0f} min (training and "
            f"evaluation; training time summed over the invocations that trained).",
+           *([f"- **Note**: {grid['note']}"] if grid.get("note") else []),
            f"- **Runs**: {len(results)} of {len(expected)} evaluated"
            + (f"; not yet: {', '.join(missing)}." if missing else "."),
            "- **Verdicts**: \"A beats B\" is resolved only when every seed of A beats every "
@@ -417,8 +418,10 @@ def write_report(grid: dict, results: dict, path: str, command: str) -> None:
     out += ["## Samples (seed 0, z from the prior, first K of the sample grids)", ""]
     for v in grid["variants"]:
         first = results.get((v, grid["seeds"][0]))
+        copy = os.path.join(assets, f"samples_{v}.png")
         if first and first.get("samples") and os.path.exists(first["samples"][0]):
-            shutil.copyfile(first["samples"][0], os.path.join(assets, f"samples_{v}.png"))
+            shutil.copyfile(first["samples"][0], copy)
+        if first and os.path.exists(copy):  # kept from an earlier report when the run is gone
             out += [f"`{v}`: ![samples of {v}]({rel}/samples_{v}.png)", ""]
     out += ["## Runs", ""] + _runs_table(results, grid) + [""]
     with open(path, "w") as f:

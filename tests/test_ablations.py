@@ -137,3 +137,16 @@ def test_tiny_grid_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     assert open(out).read() == text
     assert {name: open(os.path.join(assets, name), "rb").read()
             for name in sorted(os.listdir(assets))} == pictures
+
+
+def test_results_store_counts_as_done_when_the_workdir_is_gone(tmp_path):
+    grid = ablations.load_grid(TINY_GRID)
+    store = tmp_path / "store"
+    store.mkdir()
+    result = _result("dmz", 0, {2: 5.0}, protocol=ablations.protocol_of(grid))
+    (store / "dmz-seed0.json").write_text(json.dumps(result))
+    stale = dict(result, protocol={"another": "protocol"})
+    (store / "no_z-seed0.json").write_text(json.dumps(stale))
+    found = ablations.stored_results(grid, str(tmp_path / "runs"), str(store))
+    assert list(found) == [("dmz", 0)]  # the other protocol's result does not count
+    assert ablations.stored_results(grid, str(tmp_path / "runs")) == {}

@@ -12,6 +12,8 @@ logits, encoder learning rate x 0.1, lr 1e-3) with |z| = 16 bits, the paper's CI
 def get_grid():
     return {
         "name": "cpu",
+        "note": ("two copies of the command ran side by side on the 2 cores (one lock per "
+                 "run), sharing them also with test runs: wall times are upper bounds"),
         "base": "configs/fashion_mnist.py",
         "common": {  # the budget, shared by every run
             "model.latent_dim": 16,
