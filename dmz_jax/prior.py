@@ -35,18 +35,23 @@ _PARAMS_DIR = "params"
 # --- Model
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: h [B, n, D] -> [B, n, D] under a causal mask."""
+    """Pre-LayerNorm transformer block: h [B, n, D] -> [B, n, D] under a causal mask.
+
+    decode=True: h is one position [B, 1, D] and attention reads (and extends) the 'cache'
+    collection of keys and values of the positions before it (flax's decode mode).
+    """
 
     num_heads: int
     mlp_ratio: int = 4
     dropout: float = 0.0
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, h: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, h: jax.Array, mask: Optional[jax.Array], deterministic: bool) -> jax.Array:
         width = h.shape[-1]
         a = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads, dropout_rate=self.dropout,
-            deterministic=deterministic)(nn.LayerNorm()(h), mask=mask)
+            deterministic=deterministic, decode=self.decode)(nn.LayerNorm()(h), mask=mask)
         h = h + nn.Dropout(self.dropout)(a, deterministic=deterministic)
         m = nn.Dense(self.mlp_ratio * width)(nn.LayerNorm()(h))
         m = nn.Dense(width)(nn.gelu(m))
@@ -58,6 +63,10 @@ class BitPrior(nn.Module):
 
     The input is shifted right behind a learned start token, so logit i sees only z_<i.
     The output layer is zero-initialised: the untrained prior is exactly Bernoulli(0.5).
+
+    decode=True (sampling; the same parameters): a call with z [B, n] only creates the
+    'cache' collection; each call with z [B, 1] = bit i-1 (ignored for i = 0) then returns
+    logit i [B, 1] and advances the cache by one position.
     """
 
     num_bits: int
@@ -66,21 +75,32 @@ class BitPrior(nn.Module):
     num_heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.0
+    decode: bool = False
 
     @nn.compact
     def __call__(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
         batch, n = z.shape
-        if n != self.num_bits:
+        one_step = self.decode and n == 1
+        if n != self.num_bits and not one_step:
             raise ValueError(f"BitPrior has num_bits={self.num_bits}, got codes of {n} bits")
         init = nn.initializers.normal(0.02)
         tokens = nn.Embed(2, self.width, embedding_init=init)(z.astype(jnp.int32))
-        start = self.param("start", init, (1, 1, self.width))
-        h = jnp.concatenate([jnp.broadcast_to(start, (batch, 1, self.width)),
-                             tokens[:, :-1]], axis=1)
-        h = h + self.param("pos", init, (1, n, self.width))
-        mask = nn.make_causal_mask(jnp.zeros((batch, n)))  # [B, 1, n, n]
+        start = jnp.broadcast_to(self.param("start", init, (1, 1, self.width)),
+                                 (batch, 1, self.width))
+        pos = self.param("pos", init, (1, self.num_bits, self.width))
+        if self.decode:
+            position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+        if one_step:
+            i = position.value
+            h = jnp.where(i == 0, start, tokens) + jax.lax.dynamic_slice_in_dim(pos, i, 1, 1)
+            position.value = i + 1
+            mask = None  # the cache masks the positions not yet written
+        else:
+            h = jnp.concatenate([start, tokens[:, :-1]], axis=1) + pos
+            mask = nn.make_causal_mask(jnp.zeros((batch, n)))  # [B, 1, n, n]
         for _ in range(self.num_layers):
-            h = Block(self.num_heads, self.mlp_ratio, self.dropout)(h, mask, deterministic)
+            h = Block(self.num_heads, self.mlp_ratio, self.dropout,
+                      self.decode)(h, mask, deterministic)
         h = nn.LayerNorm()(h)
         out = nn.Dense(1, kernel_init=nn.initializers.zeros, name="logits")(h)
         return out[..., 0]
@@ -142,15 +162,23 @@ def bernoulli_bits_per_code(n: int) -> float:
 def sample(params: Any, model: BitPrior, rng: jax.Array, num: int) -> jax.Array:
     """num codes [num, n] float32 in {0, 1} drawn from the prior, one position at a time.
 
-    Each step runs a full forward (O(n^2) work per position; fine for n <= 256) and sets bit i
-    to 1 with probability sigmoid(logit_i), via logistic noise: P(eps < logit) = sigmoid(logit).
+    Keys and values of earlier positions are cached (model.clone(decode=True)), so bit i
+    costs one position's forward. Bit i is 1 with probability sigmoid(logit_i), via
+    logistic noise: P(eps < logit) = sigmoid(logit), eps from fold_in(rng, i).
     """
-    def body(i, z):
-        logit = model.apply(params, z)[:, i]
-        eps = jax.random.logistic(jax.random.fold_in(rng, i), (num,))
-        return z.at[:, i].set((eps < logit).astype(jnp.float32))
+    decoder = model.clone(decode=True)
+    cache = decoder.apply(params, jnp.zeros((num, model.num_bits)), mutable=["cache"])[1]
 
-    return jax.lax.fori_loop(0, model.num_bits, body, jnp.zeros((num, model.num_bits)))
+    def body(i, carry):
+        z, cache = carry
+        previous = jax.lax.dynamic_slice_in_dim(z, jnp.maximum(i - 1, 0), 1, axis=1)
+        logit, cache = decoder.apply({**params, **cache}, previous, mutable=["cache"])
+        eps = jax.random.logistic(jax.random.fold_in(rng, i), (num,))
+        bit = (eps < logit[:, 0]).astype(jnp.float32)
+        return jax.lax.dynamic_update_slice_in_dim(z, bit[:, None], i, axis=1), cache
+
+    z0 = jnp.zeros((num, model.num_bits), jnp.float32)
+    return jax.lax.fori_loop(0, model.num_bits, body, (z0, cache))[0]
 
 
 # --- Training
