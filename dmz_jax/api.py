@@ -97,13 +97,14 @@ def load(workdir: str, *, checkpoint: Optional[int] = None,
                 f"{workdir} step {step} was trained with another model or config:\n"
                 + "\n".join(diff) + "\nUse the config it was trained with.")
         model, tx = create_model(config), make_optimizer(config.training)
-        abstract = jax.eval_shape(lambda: create_train_state(config, model, tx))
+        mesh = mesh or sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+        abstract = checkpointing.placed(
+            jax.eval_shape(lambda: create_train_state(config, model, tx)),
+            sharding.replicated(mesh))
         state = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract))).state
     logging.info("Loaded %s step %d (%s parameters)", workdir, step, "EMA" if ema else "raw")
-    mesh = mesh or sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
-    params = jax.device_put(state.ema_params if ema else state.params,
-                            sharding.replicated(mesh))
+    params = state.ema_params if ema else state.params
     return Model(config, model, make_diffusion(config), params, step, workdir, mesh)
 
 

@@ -104,6 +104,17 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
         config=ocp.args.JsonSave(config.to_dict())))
 
 
+def placed(abstract: Any, shardings: Any) -> Any:
+    """The restore target of `abstract` (a tree of shapes and dtypes) on `shardings` (one
+    sharding for all, or a tree of them). With it, a checkpoint saved on another topology
+    (other processes, devices or mesh) loads here; without it orbax reuses the saved
+    shardings and refuses (topology mismatch)."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, abstract)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings)
+
+
 def flatten_dict(d: dict, prefix: str = "") -> dict:
     """{'a': {'b': 1}} -> {'a.b': 1}; tuples become lists (as in the saved JSON)."""
     out = {}

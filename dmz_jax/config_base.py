@@ -127,7 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by other axes
-    c.mesh.fsdp = 1
+    c.mesh.fsdp = 1  # > 1: the train state split that many ways (dmz_jax/sharding.py)
     c.lock()
     return c
 

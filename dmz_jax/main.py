@@ -5,6 +5,8 @@ prints the parameter table without touching data or devices; evaluate, sample, e
 reconstruct, interpolate, manipulate and train_prior use WORKDIR's newest checkpoint (or
 --checkpoint) and write WORKDIR/MODE/ (see dmz_jax/modes.py).
 Overrides: --config.training.num_steps=100 and so on (ml_collections).
+Several processes (training): --distributed on a TPU pod or under SLURM, or by hand
+--coordinator=HOST:PORT --num_processes=N --process_id=I in each of the N processes.
 """
 
 import sys
@@ -23,6 +25,12 @@ flags.DEFINE_integer("checkpoint", None, "The step to load (modes other than tra
                      "default: the newest.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host: "
                   "TPU pods, SLURM; it finds the coordinator from the environment).")
+flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for several processes "
+                    "started by hand (with --num_processes and --process_id); implies "
+                    "--distributed. E.g. two processes on one machine: localhost:12355.")
+flags.DEFINE_integer("num_processes", None, "How many processes (with --coordinator).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 "
+                     "(with --coordinator).")
 flags.DEFINE_bool("fresh", False, "Move the workdir's checkpoints to checkpoints.old-<time> "
                   "and start over (needed when the config changed the model).")
 flags.mark_flags_as_required(["config"])
@@ -44,12 +52,29 @@ def describe(config) -> int:
     return 0
 
 
+def start_processes() -> None:
+    """jax.distributed.initialize() from the flags (or the cluster's environment)."""
+    explicit = {"--coordinator": FLAGS.coordinator, "--num_processes": FLAGS.num_processes,
+                "--process_id": FLAGS.process_id}
+    given = [name for name, value in explicit.items() if value is not None]
+    if given and len(given) < len(explicit):
+        raise app.UsageError(f"{', '.join(given)} given without "
+                             f"{', '.join(sorted(set(explicit) - set(given)))}: "
+                             "--coordinator, --num_processes and --process_id go together.")
+    if given and not 0 <= FLAGS.process_id < FLAGS.num_processes:
+        raise app.UsageError(f"--process_id={FLAGS.process_id} is not in "
+                             f"0..{FLAGS.num_processes - 1}.")
+    if given or FLAGS.distributed:
+        import jax
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator,
+                                   num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
+
+
 def train(config) -> int:
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required for --mode=train.")
-    if FLAGS.distributed:
-        import jax
-        jax.distributed.initialize()
+    start_processes()
     from dmz_jax import checkpointing, config_checks, data
     from dmz_jax import train as train_lib  # imports TensorFlow: keep describe fast
     try:

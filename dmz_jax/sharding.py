@@ -1,7 +1,11 @@
-"""Device mesh and shardings: batch split over the "data" axis, state replicated.
+"""Device mesh and shardings: the batch split over every device, the train state split over
+the "fsdp" axis.
 
-The mesh has axes ("data", "fsdp"); today parameters are replicated on both, leaving the
-"fsdp" axis for parameter sharding later. The same code runs on 1 CPU, 8 GPUs or a TPU pod.
+The mesh has axes ("data", "fsdp"). The batch is split over both. With mesh.fsdp = 1 the
+state (parameters, EMA, optimizer moments) is replicated; with mesh.fsdp = F > 1 every
+array of it is split F ways along one of its dimensions (`state_shardings`), so each device
+holds about 1/F of the state and XLA gathers what a step needs (fully sharded data
+parallelism). The same code runs on 1 CPU, 8 GPUs or a TPU pod.
 """
 
 from __future__ import annotations
@@ -27,6 +31,25 @@ def create_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: tuple, fsdp: int) -> P:
+    """The PartitionSpec of an array of `shape` in the state: its largest dimension that
+    `fsdp` divides (the last of equals) split on "fsdp"; replicated when none is (scalars,
+    odd sizes) or fsdp == 1."""
+    dims = [i for i, n in enumerate(shape) if fsdp > 1 and n % fsdp == 0]
+    if not dims:
+        return P()
+    axis = max(dims, key=lambda i: (shape[i], i))
+    return P(*(["fsdp" if i == axis else None for i in range(len(shape))]))
+
+
+def state_shardings(abstract_state, mesh: Mesh):
+    """A NamedSharding per array of `abstract_state` (anything with .shape): `fsdp_spec`
+    on `mesh`, replicated on "data"."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp)),
+                        abstract_state)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

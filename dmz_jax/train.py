@@ -54,11 +54,12 @@ class Run:
         if fresh:
             checkpointing.set_aside(workdir)
         self.manager = checkpointing.create_manager(workdir, config.training.keep_checkpoints)
-        self.state_sharding = sharding.replicated(self.mesh)
-        self._init = jax.jit(functools.partial(create_train_state, config, self.model, self.tx),
-                             out_shardings=self.state_sharding)
-        self.restored = checkpointing.restore_latest(self.manager, jax.eval_shape(self._init),
-                                                     config)
+        init = functools.partial(create_train_state, config, self.model, self.tx)
+        abstract = jax.eval_shape(init)
+        self.state_sharding = sharding.state_shardings(abstract, self.mesh)  # mesh.fsdp
+        self._init = jax.jit(init, out_shardings=self.state_sharding)
+        self.restored = checkpointing.restore_latest(
+            self.manager, checkpointing.placed(abstract, self.state_sharding), config)
         self.writer = metric_writers.create_default_writer(
             workdir, just_logging=jax.process_index() > 0)
 
@@ -77,7 +78,7 @@ class Run:
         if self.model.uses_latent and n:
             images = data.load_split(self.config.data, "train", n)["image"]
             params = jax.jit(functools.partial(center_encoder_logits, self.model),
-                             out_shardings=self.state_sharding)(state.params, images)
+                             out_shardings=self.state_sharding.params)(state.params, images)
             state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
         return state
 
@@ -85,10 +86,15 @@ class Run:
         """Sample grids and the probe of the EMA parameters (end-of-training summary)."""
         baseline = None
         if self.config.eval.probe_at_init:  # the untrained encoder: what did training add?
-            baseline = self.fresh_state().params
-        return evaluate.evaluate(self.config, self.model, self.diff, state.ema_params,
-                                 int(state.step), self.workdir, self.mesh, self.writer,
-                                 baseline_params=baseline)
+            baseline = self.replicated(self.fresh_state().params)
+        return evaluate.evaluate(self.config, self.model, self.diff,
+                                 self.replicated(state.ema_params), int(state.step),
+                                 self.workdir, self.mesh, self.writer, baseline_params=baseline)
+
+    def replicated(self, params):
+        """params on every device (gathered from their mesh.fsdp shards), for sampling and
+        encoding, which are not sharded over "fsdp"; no copy when mesh.fsdp = 1."""
+        return jax.device_put(params, sharding.replicated(self.mesh))
 
     def close(self):
         self.manager.wait_until_finished()
@@ -99,14 +105,19 @@ class Run:
 class StopSignals:
     """SIGTERM/SIGINT handling for preemptible jobs.
 
-    The first signal sets `requested`: the loop finishes its step, checkpoints and returns.
-    A second signal exits at once (orbax never leaves a half-written checkpoint that looks
-    complete). On several hosts, JAX's preemption sync point makes all hosts stop together.
+    One process: the first signal sets `requested`, so the loop finishes its step,
+    checkpoints and returns; a second signal exits at once (orbax never leaves a half-written
+    checkpoint that looks complete).
+    Several processes: SIGTERM to any of them is left to JAX's preemption notifier (installed
+    by jax.distributed.initialize), and every process stops at the same step, the next
+    preemption sync point, so none is left waiting in a collective. A per-process flag would
+    let processes stop at different steps, so no Python handler is installed there.
     """
 
     def __init__(self):
         self.requested = False
         self._previous = {}
+        self._multiprocess = jax.process_count() > 1
 
     def _handle(self, signum, frame):
         if self.requested:
@@ -116,7 +127,7 @@ class StopSignals:
         logging.warning("Signal %d: finishing this step, checkpointing and exiting.", signum)
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if not self._multiprocess and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -126,9 +137,10 @@ class StopSignals:
             signal.signal(sig, handler)
 
     def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:
+        """Whether to checkpoint and stop after `step`; the same answer on every process."""
+        if self._multiprocess:
             from jax.experimental import multihost_utils
-            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
 
@@ -199,8 +211,9 @@ def train(run: Run, state: TrainState) -> tuple[TrainState, Optional[float], boo
                 run.manager.wait_until_finished()
                 return state, last_loss, True
             if step % tc.sample_every == 0 and step != tc.num_steps:
-                evaluate.write_sample_grids(config, run.model, run.diff, state.ema_params,
-                                            step, run.workdir, run.writer)
+                evaluate.write_sample_grids(config, run.model, run.diff,
+                                            run.replicated(state.ema_params), step,
+                                            run.workdir, run.writer)
     _check_finite(*previous, tc.max_nonfinite_steps)
     run.manager.wait_until_finished()
     return state, last_loss, False

@@ -87,9 +87,9 @@ def test_rerun_resumes_from_the_latest_checkpoint(finished_run, tmp_path, caplog
 def _steps_on_mesh(config, mesh, batches):
     model, diff = create_model(config), ts.make_diffusion(config)
     tx = ts.make_optimizer(config.training)
-    state_sharding = sharding.replicated(mesh)
-    state = jax.jit(lambda: ts.create_train_state(config, model, tx),
-                    out_shardings=state_sharding)()
+    init = lambda: ts.create_train_state(config, model, tx)  # noqa: E731
+    state_sharding = sharding.state_shardings(jax.eval_shape(init), mesh)
+    state = jax.jit(init, out_shardings=state_sharding)()
     step_fn = ts.compile_train_step(config, model, diff, tx, mesh, state_sharding)
     metrics = []
     for batch in batches:
@@ -98,18 +98,22 @@ def _steps_on_mesh(config, mesh, batches):
     return jax.device_get(state), metrics
 
 
-@pytest.mark.slow  # two train-step compiles (8 devices and 1)
-def test_eight_devices_match_one_device():
+@pytest.mark.slow  # four train-step compiles (three 8-device meshes and 1 device)
+def test_data_fsdp_and_mixed_meshes_match_one_device():
     assert jax.device_count() == 8
     config = tiny_config()
     it = data.train_iterator(config.data, batch_size=8, seed=0)
     batches = [next(it) for _ in range(3)]
-    state8, metrics8 = _steps_on_mesh(config, sharding.create_mesh(), batches)
     state1, metrics1 = _steps_on_mesh(config, sharding.create_mesh(devices=jax.devices()[:1]),
                                       batches)
-    for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(metrics8[2]["loss"], metrics1[2]["loss"], rtol=1e-5)
+    for data_axis, fsdp in ((8, 1), (1, 8), (2, 4)):
+        mesh = sharding.create_mesh(data_axis, fsdp)
+        state8, metrics8 = _steps_on_mesh(config, mesh, batches)
+        for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        for step in range(3):
+            np.testing.assert_allclose(metrics8[step]["loss"], metrics1[step]["loss"],
+                                       rtol=1e-5)
     # The zero-initialised output conv and cross-attention projections block the encoder's
     # gradient for two steps (each opens after one update); from step 3 on the
     # straight-through estimator must deliver a non-zero gradient.
