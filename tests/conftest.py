@@ -24,3 +24,19 @@ def tiny_config():
 @pytest.fixture
 def tiny():
     return tiny_config()
+
+
+def trained_steps(workdir):
+    """The steps of WORKDIR/checkpoints (unordered; [] when there is no such folder)."""
+    folder = os.path.join(workdir, "checkpoints")
+    return [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+
+
+def saved_state(workdir, step):
+    """The state saved at `step` in WORKDIR, as a dict of numpy arrays (no target needed:
+    single-process checkpoints only)."""
+    import orbax.checkpoint as ocp
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               item_names=("state", "config")) as manager:
+        return manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore())).state

@@ -139,7 +139,8 @@ def test_a_step_folder_that_vanished_while_restoring_is_not_called_corrupt(workd
 def test_main_exits_with_the_message(workdir, tiny, monkeypatch, capsys):
     from dmz_jax import main
     monkeypatch.setattr(main, "FLAGS", types.SimpleNamespace(
-        workdir=workdir, fresh=False, distributed=False))
+        workdir=workdir, fresh=False, distributed=False, coordinator=None, num_processes=None,
+        process_id=None))
     monkeypatch.setattr(ocp.CheckpointManager, "restore",
                         _fail_with(OSError(errno.EIO, "Input/output error")))
     assert main.train(tiny) == 2

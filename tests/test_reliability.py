@@ -1,33 +1,21 @@
-"""Reliability: kill -9 and resume bit-exactly, SIGTERM, corrupt checkpoints, config
-mismatches, non-finite steps, and a deterministic step-indexed data stream.
+"""Reliability: corrupt checkpoints, config mismatches, non-finite steps, and a deterministic
+step-indexed data stream.
 
-The fault-injection test kills real training processes; DMZ_FAULT_KILLS (default 2: one at a
-random moment, one in the middle of a checkpoint write, and so on alternately) sets how many
-kills it makes. The process tests share one compile cache (one compile per function).
+Killing and signalling training processes: tests/test_preemption.py.
 """
 
 import glob
-import json
 import logging
 import os
-import random
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import tiny_config
+from conftest import saved_state, tiny_config, trained_steps
 from dmz_jax import checkpointing, data, sharding, train
 from dmz_jax import train_state as ts
-from dmz_jax.model import DMZ, create_model, init_params
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "fashion_mnist.py") + ":tiny"
+from dmz_jax.model import create_model
 
 
 # ---------------------------------------------------------------------------- data order
@@ -97,9 +85,9 @@ def test_nonfinite_streak_stops_the_run_naming_the_steps(tmp_path, monkeypatch, 
     assert "lower --config.training.learning_rate" in str(err.value)
     assert "no --fresh needed" in str(err.value)
     # the newest checkpoint holds the step-1 parameters (nothing non-finite was applied)
-    steps = _trained_steps(str(tmp_path))
+    steps = trained_steps(str(tmp_path))
     assert max(steps) <= 3
-    restored, first = _saved_state(str(tmp_path), max(steps)), _saved_state(str(tmp_path), 1)
+    restored, first = saved_state(str(tmp_path), max(steps)), saved_state(str(tmp_path), 1)
     np.testing.assert_array_equal(restored["params"]["denoiser"]["out_conv"]["kernel"],
                                   first["params"]["denoiser"]["out_conv"]["kernel"])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored["params"]))
@@ -174,125 +162,3 @@ def test_checkpoint_of_another_model_is_refused_with_a_diff(two_checkpoints, tmp
     old = glob.glob(os.path.join(workdir, "checkpoints.old-*"))
     assert len(old) == 1 and sorted(os.listdir(old[0])) == ["1", "2", "summary.json"]
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
-
-
-# ---------------------------------------------------------------------------- processes
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """The persistent compile cache of this module's training processes."""
-    return str(tmp_path_factory.mktemp("compile_cache"))
-
-
-def _env(cache_dir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               JAX_COMPILATION_CACHE_DIR=cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    env.pop("XLA_FLAGS", None)  # one device, like a user's run
-    return env
-
-
-def _start(workdir, num_steps, cache_dir, log_path, *extra):
-    cmd = [sys.executable, "-m", "dmz_jax.main", f"--config={TINY}", f"--workdir={workdir}",
-           f"--config.training.num_steps={num_steps}", "--config.training.checkpoint_every=1",
-           "--config.training.log_every=1", "--config.eval.at_end=False", *extra]
-    log = open(log_path, "ab")
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(cache_dir), stdout=log,
-                            stderr=subprocess.STDOUT)
-
-
-def _saved_state(workdir, step):
-    """The state saved at `step`, as a dict of numpy arrays (no target structure needed)."""
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                               item_names=("state", "config")) as manager:
-        return manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore())).state
-
-
-def _final_state(workdir, step):
-    assert max(_trained_steps(workdir)) == step
-    return _saved_state(workdir, step)
-
-
-def _wait_for(predicate, proc, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def _tmp_checkpoint_exists(workdir):
-    return bool(glob.glob(os.path.join(workdir, "checkpoints", "*orbax-checkpoint-tmp*")))
-
-
-def _trained_steps(workdir):
-    return [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()] \
-        if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
-
-
-@pytest.mark.slow  # training subprocesses
-def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, compile_cache):
-    steps, kills = 14, int(os.environ.get("DMZ_FAULT_KILLS", "2"))
-    cache, rng = compile_cache, random.Random(0)
-    reference, faulty = str(tmp_path / "reference"), str(tmp_path / "faulty")
-    log = str(tmp_path / "log.txt")
-    assert _start(reference, steps, cache, log).wait(timeout=300) == 0
-    killed_mid_write = 0
-    for i in range(kills):
-        proc = _start(faulty, steps, cache, log)
-        done_before = max(_trained_steps(faulty), default=0)
-        # wait until this process has trained at least one step of its own
-        assert _wait_for(lambda: max(_trained_steps(faulty), default=0) > done_before, proc,
-                         240), open(log).read()[-3000:]
-        if i % 2 == 1:  # kill while a checkpoint is being written
-            killed_mid_write += _wait_for(lambda: _tmp_checkpoint_exists(faulty), proc, 60)
-        else:
-            time.sleep(rng.uniform(0.0, 1.5))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if max(_trained_steps(faulty), default=0) >= steps:
-            break
-    assert _start(faulty, steps, cache, log).wait(timeout=300) == 0
-    assert "Restored checkpoint" in open(log).read()
-    want, got = _final_state(reference, steps), _final_state(faulty, steps)
-    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-        np.testing.assert_array_equal(a, b)
-    if kills >= 2:
-        assert killed_mid_write >= 1
-
-
-@pytest.mark.slow  # training subprocesses
-def test_sigterm_checkpoints_the_current_step_and_exits_zero(tmp_path, compile_cache):
-    workdir, log = str(tmp_path / "work"), str(tmp_path / "log.txt")
-    proc = _start(workdir, 10_000, compile_cache, log,
-                  "--config.training.checkpoint_every=1000")
-    assert _wait_for(lambda: b" loss=" in open(log, "rb").read(), proc, 240), \
-        open(log).read()[-3000:]
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
-    text = open(log).read()
-    assert "finishing this step, checkpointing and exiting" in text
-    steps = _trained_steps(workdir)
-    assert len(steps) == 1 and 0 < steps[0] < 1000  # the current step, not a periodic one
-    assert f"Stopped at step {steps[0]} after a signal" in text
-
-
-@pytest.mark.slow  # training subprocesses
-def test_second_signal_exits_at_once_and_leaves_a_loadable_checkpoint(tmp_path,
-                                                                       compile_cache):
-    workdir, log, cache = str(tmp_path / "work"), str(tmp_path / "log.txt"), compile_cache
-    proc = _start(workdir, 30, cache, log)
-    assert _wait_for(lambda: len(_trained_steps(workdir)) >= 2, proc, 240), \
-        open(log).read()[-3000:]
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    rc = proc.wait(timeout=120)
-    assert rc in (0, 128 + signal.SIGINT), open(log).read()[-3000:]
-    assert _start(workdir, 30, cache, log).wait(timeout=300) == 0
-    text = open(log).read()
-    assert "Restored checkpoint at step" in text and "cannot be loaded" not in text
-    assert max(_trained_steps(workdir)) == 30

@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import tiny_config
-from dmz_jax import checkpointing, data, sharding, train
+from dmz_jax import data, sharding, train
 from dmz_jax import train_state as ts
 from dmz_jax.model import DMZ, create_model, init_params
 
