@@ -12,7 +12,6 @@ XLA:CPU recompiles a cached multi-process executable at its first call):
    batches.
 """
 
-import glob
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_config, trained_steps
 from dmz_jax import checkpointing, data, sharding, train
 from dmz_jax import train_state as ts
 from dmz_jax.model import create_model
@@ -83,12 +82,6 @@ def _wait_all(procs, timeout=300):
 
 def _logs(log_prefix):
     return [open(f"{log_prefix}{i}.txt").read() for i in range(2)]
-
-
-def _steps(workdir):
-    return sorted(int(os.path.basename(p))
-                  for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
-                  if os.path.basename(p).isdigit())
 
 
 def _saved_state(workdir, step):
@@ -158,16 +151,16 @@ def test_two_processes_stop_together_resume_exactly_and_train_like_one(
     stops = [re.findall(r"Stopped at step (\d+) after a signal", t) for t in _logs(log)]
     assert len(stops[0]) == 1 and stops[0] == stops[1], stops
     stop = int(stops[0][0])
-    assert 0 < stop < STEPS and _steps(workdir) == [stop]  # the stop step, and only it
+    assert 0 < stop < STEPS and trained_steps(workdir) == [stop]  # the stop step alone
 
     # 2. the rerun resumes at that step; kill -9 after its next checkpoint
     procs = _start_pair(workdir, cache, log, steps, "--config.training.checkpoint_every=1")
-    _wait_for(lambda: max(_steps(workdir)) > stop, procs, log)
+    _wait_for(lambda: max(trained_steps(workdir)) > stop, procs, log)
     procs[1].send_signal(signal.SIGKILL)  # one host dies; its partner is then stopped too
     procs[1].wait()
     procs[0].send_signal(signal.SIGKILL)
     procs[0].wait()
-    killed_at = max(_steps(workdir))
+    killed_at = max(trained_steps(workdir))
     assert stop < killed_at < STEPS
     assert all(f"Restored checkpoint at step {stop} " in t for t in _logs(log))
 
