@@ -58,6 +58,9 @@ RESUMABLE_KEYS = (
     "sampling.", "eval.", "modes.", "mesh.", "data.data_dir", "data.debian_dir",
     "data.source", "data.download",
 )
+# Keys the code no longer has; a checkpoint that still holds them resumes (data.shuffle_buffer:
+# the train stream is a full permutation per epoch now, see dmz_jax/data/pipeline.py).
+RETIRED_KEYS = ("data.shuffle_buffer",)
 # Resumable keys whose 0 removes an optimizer transform, which changes the structure of the
 # optimizer state: they may change only while they stay on the same side of 0.
 SWITCH_KEYS = {"training.grad_clip": "gradient clipping",
@@ -132,6 +135,7 @@ def _changed(saved: dict, current: ml_collections.ConfigDict) -> list[tuple[str,
     from dmz_jax.config_base import base_config
     defaults = flatten_dict(base_config().to_dict())
     old, new = flatten_dict(saved), flatten_dict(current.to_dict())
+    old = {k: v for k, v in old.items() if k not in RETIRED_KEYS}
     old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     keys = sorted(set(old) | set(new))
     return [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in keys

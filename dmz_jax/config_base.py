@@ -23,7 +23,6 @@ def base_config() -> ml_collections.ConfigDict:
     d.crop = "diffae"  # celeb_a only
     d.source = "auto"  # fashion_mnist only: auto | tfds | debian | bundled
     d.debian_dir = "/usr/share/datasets/fashion-mnist"
-    d.shuffle_buffer = 10_000
     d.download = False  # let tfds download cifar10 / fashion_mnist(source=tfds) itself
     # image_folder only:
     d.image_dir = ml_collections.config_dict.placeholder(str)  # folder, searched recursively

@@ -31,7 +31,7 @@ _COUNT, _NON_NEGATIVE = (lambda v: v >= 1, "must be >= 1"), (lambda v: v >= 0, "
 _POSITIVE, _FRACTION = (lambda v: v > 0, "must be > 0"), (lambda v: 0 <= v < 1, "must be in [0, 1)")
 _RANGES = {
     **dict.fromkeys("""model.model_channels model.num_res_blocks model.num_heads
-        model.num_groups model.token_dim data.shuffle_buffer mesh.fsdp training.batch_size
+        model.num_groups model.token_dim mesh.fsdp training.batch_size
         training.num_steps training.log_every training.checkpoint_every
         training.sample_every sampling.num_samples training.keep_checkpoints
         training.max_nonfinite_steps training.grad_accum_steps eval.encode_batch_size

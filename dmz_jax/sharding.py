@@ -10,6 +10,10 @@ parallelism). The same code runs on 1 CPU, 8 GPUs or a TPU pod.
 
 from __future__ import annotations
 
+import collections
+import itertools
+from typing import Iterator
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -62,6 +66,22 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     sharding = batch_sharding(mesh)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def prefetch_to_mesh(local_batches: Iterator[dict], mesh: Mesh, size: int = 2
+                     ) -> Iterator[dict]:
+    """`global_batch` of each local batch, `size` batches ahead: their host-to-device copies
+    (asynchronous) overlap the steps that run before they are needed."""
+    queue = collections.deque()
+
+    def enqueue(n):
+        for local in itertools.islice(local_batches, n):
+            queue.append(global_batch(local, mesh))
+
+    enqueue(size)
+    while queue:
+        yield queue.popleft()
+        enqueue(1)
 
 
 def per_process_batch_size(global_batch_size: int) -> int:

@@ -186,13 +186,14 @@ def train(run: Run, state: TrainState) -> tuple[TrainState, Optional[float], boo
     if start_step >= tc.num_steps:
         return state, None, False
     step_fn = compile_train_step(config, run.model, run.diff, run.tx, mesh, run.state_sharding)
-    batches = data.train_iterator(config.data, batch_size=run.local_batch, seed=config.seed,
-                                  start_step=start_step)
+    batches = sharding.prefetch_to_mesh(
+        data.train_iterator(config.data, batch_size=run.local_batch, seed=config.seed,
+                            start_step=start_step), mesh)
     report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=run.writer)
     window, last_loss, previous = None, None, None
     with StopSignals() as signals:
         for step in range(start_step + 1, tc.num_steps + 1):
-            state, outputs = step_fn(state, sharding.global_batch(next(batches), mesh))
+            state, outputs = step_fn(state, next(batches))
             if previous is not None:  # one step behind: reading it does not stall the device
                 _check_finite(*previous, tc.max_nonfinite_steps)
             previous = (outputs, step)

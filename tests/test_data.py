@@ -138,6 +138,26 @@ def test_resume_yields_exactly_the_same_batches():
             np.testing.assert_array_equal(got["label"], want["label"])
 
 
+def test_every_epoch_is_a_fresh_permutation_and_far_resumes_are_immediate(bundled):
+    """1/8 of the bundled train split (1250 examples), 5 batches of 250 per epoch: each epoch
+    holds every example once, in a new order; step 10^9 (an epoch past 2^31 examples) is
+    reached without replaying the stream and is again a permutation of the share."""
+    cfg = data_cfg(source="bundled")
+    index = {h: i for i, h in enumerate(image_hashes(bundled["train_images"]))}
+
+    def epoch_order(start_step):
+        it = data.train_iterator(cfg, batch_size=250, seed=0, process_index=3, process_count=8,
+                                 start_step=start_step)
+        return [index[h] for _ in range(5) for h in image_hashes(unpad(next(it)["image"]))]
+
+    first, second = epoch_order(0), epoch_order(5)
+    share = set(range(3 * 1250, 4 * 1250))
+    assert len(first) == len(set(first)) == 1250 and set(first) == set(second) == share
+    assert first != second
+    far = epoch_order(10**9)  # 2.5e11 examples in: 2e8 epochs exactly
+    assert set(far) == share and far not in (first, second)
+
+
 def test_random_flip_mirrors_about_half():
     """Same seed with/without flip: same order; each image equal or mirrored, both occur."""
     plain = first_batch(data_cfg(source="bundled"), seed=3, batch_size=64)["image"]

@@ -33,10 +33,10 @@ def train_iterator(data_cfg, *, batch_size: int, seed: int, process_index=None,
     """Infinite iterator of numpy batches {"image": float32 [B, S, S, C] in [-1, 1], "label":
     int32 [B]} (+ "attributes": int32 [B, 40] for celeb_a); B = batch_size, per process.
 
-    Each process (default: jax's) reads its own equal share of the train split, reshuffled every
-    epoch, deterministic in (seed, process). Batch start_step is exactly what an iterator
-    started at 0 yields after start_step batches (skipped ones are not decoded): resumed
-    training is bit-exact. Raises DatasetNotFoundError at the call, not at the first next().
+    Each process (default: jax's) reads its own equal share of the train split, held in memory
+    undecoded and reshuffled every epoch, deterministic in (seed, process). Batch start_step is
+    exactly what an iterator started at 0 yields after start_step batches, reached in O(1)
+    (nothing is replayed): resumed training is bit-exact and resumes at once. Raises DatasetNotFoundError at the call, not at the first next().
     """
     if process_index is None or process_count is None:
         import jax

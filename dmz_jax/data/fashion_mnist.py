@@ -166,7 +166,7 @@ def dataset_info(data_cfg) -> specs.DatasetInfo:
                              SPEC.num_classes, num_train, source)
 
 
-def examples(data_cfg, split, seed=None, process_index=0, process_count=1):
+def examples(data_cfg, split, process_index=0, process_count=1):
     source, builder, _ = _resolve(data_cfg)
     if source == "bundled":  # a contiguous 1/process_count of the split, remainder dropped
         arrays = _bundled(specs.BUNDLED_PATH)
@@ -181,4 +181,4 @@ def examples(data_cfg, split, seed=None, process_index=0, process_count=1):
     else:
         tfds_source.prepare(builder, download_config=tfds.download.DownloadConfig(
             try_download_gcs=False))
-    return tfds_source.read(builder, "fashion_mnist", split, seed, process_index, process_count)
+    return tfds_source.read(builder, "fashion_mnist", split, process_index, process_count)

@@ -186,9 +186,8 @@ def dataset_info(data_cfg) -> DatasetInfo:
                        len(report.class_names), len(report.split("train")[0]), "image_folder")
 
 
-def examples(data_cfg, split, seed=None, process_index=0, process_count=1):
+def examples(data_cfg, split, process_index=0, process_count=1):
     """(path, label) of `split`; process p of P takes every P-th file from p (equal shares)."""
-    del seed  # the pipeline shuffles the file names
     files, labels = scan(data_cfg).split(split)
     per_process = len(files) // process_count
     if per_process == 0 and process_count > 1:

@@ -1,8 +1,8 @@
 """The tf.data pipeline every source shares: examples -> numpy batches of float32 [-1, 1] images.
 
 A source module (tfds_source, fashion_mnist, image_folder) provides
-  examples(data_cfg, split, seed=None, process_index=0, process_count=1) -> tf.data.Dataset:
-    the process's equal share of `split`, not decoded; seed None: in a fixed order;
+  examples(data_cfg, split, process_index=0, process_count=1) -> tf.data.Dataset:
+    the process's equal share of `split`, not decoded, in a fixed order;
   example_fn(data_cfg): an example -> {"image": float32 [S, S, C] in [-1, 1], "label", ...}.
 Importing this module hides the GPUs from TensorFlow (every source imports it first).
 """
@@ -41,30 +41,60 @@ def mix_seed(seed: int, process_index: int) -> int:
     return int(state[0] & 0x7FFFFFFF)
 
 
+def in_memory(ds: tf.data.Dataset):
+    """All elements of a finite `ds` (undecoded examples) as tensors with a leading axis N.
+
+    Decoded uint8 images (Fashion-MNIST 47 MB, CIFAR-10 150 MB), JPEG bytes (CelebA about
+    1.4 GB) or file names (image folders): read once per start, however far training got.
+    """
+    batches = list(ds.batch(4096).prefetch(2).as_numpy_iterator())
+    if not batches:
+        raise ValueError("The train split of this process is empty.")
+    return tf.nest.map_structure(lambda *parts: tf.constant(np.concatenate(parts)), *batches)
+
+
+def stream_positions(first: int, n: int, seed: int) -> tf.data.Dataset:
+    """(k, j) int64 for k = first, first + 1, ...: position k of the stream reads example j of
+    n; epoch e = k // n is the permutation stateless_shuffle(range(n), seed=(seed, e)).
+
+    (tf.random.experimental.index_shuffle would need no permutation in memory, but it reads
+    only the low 8 bits of each seed word: epochs e and e + 256 would repeat an order.)
+    """
+    first_epoch, offset = divmod(first, n)
+    seed = tf.constant(seed, tf.int64)
+
+    def epoch(e):
+        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                         seed=tf.stack([seed, e]))
+        return tf.data.Dataset.from_tensor_slices((e * n + tf.range(n, dtype=tf.int64), order))
+    epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max // n)
+    return epochs.flat_map(epoch).skip(offset)
+
+
 def train_iterator(source, data_cfg, *, batch_size: int, seed: int, process_index: int,
                    process_count: int, start_step: int):
     """See dmz_jax.data.train_iterator; `source` is the module that reads data_cfg.name.
 
-    Shuffle (reshuffled every epoch), repeat, skip start_step batches before decoding, decode,
-    flip left-right (data.random_flip: a stateless function of (seed, stream position)), batch.
+    Element k of a process's stream (k = step * batch_size + row) is a pure function of k
+    (`stream_positions`), and data.random_flip flips it with the stateless seed (seed, k).
+    A resumed stream starts at k = start_step * batch_size; the cost of getting there is at
+    most one epoch of integers, whatever the step.
     """
     seed = mix_seed(seed, process_index)
-    ds = source.examples(data_cfg, "train", seed, process_index, process_count)
-    if data_cfg.name == "image_folder":  # file names: shuffle all of them
-        buffer = int(ds.cardinality())
-    else:
-        buffer = int(data_cfg.shuffle_buffer)
-        if data_cfg.name != "celeb_a":  # decoded uint8: 47 MB / 150 MB
-            ds = ds.cache()
-    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.skip(int(start_step) * int(batch_size))
-    ds = ds.map(source.example_fn(data_cfg), num_parallel_calls=AUTOTUNE)
-    if data_cfg.random_flip:
-        def flip(index, ex):
-            op_seed = tf.stack([tf.constant(seed, tf.int64), index])
-            return {**ex, "image": tf.image.stateless_random_flip_left_right(ex["image"], op_seed)}
-        ds = ds.enumerate(start=int(start_step) * int(batch_size))
-        ds = ds.map(flip, num_parallel_calls=AUTOTUNE)
+    table = in_memory(source.examples(data_cfg, "train", process_index, process_count))
+    n = int(tf.nest.flatten(table)[0].shape[0])
+    decode = source.example_fn(data_cfg)
+
+    def example_at(k, j):
+        ex = tf.nest.map_structure(lambda column: tf.gather(column, j), table)
+        ex = decode(*ex) if isinstance(ex, tuple) else decode(ex)
+        if data_cfg.random_flip:
+            op_seed = tf.stack([tf.constant(seed, tf.int64), k])
+            ex = {**ex, "image": tf.image.stateless_random_flip_left_right(ex["image"], op_seed)}
+        return ex
+
+    ds = stream_positions(int(start_step) * int(batch_size), n, seed)
+    ds = ds.map(example_at, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(int(batch_size), drop_remainder=True).prefetch(AUTOTUNE)
     return ds.as_numpy_iterator()
 

@@ -46,17 +46,16 @@ def prepare(builder, how_to_get: str = "", **kwargs):
     return builder
 
 
-def read(builder, name: str, split: str, seed=None, process_index: int = 0,
+def read(builder, name: str, split: str, process_index: int = 0,
          process_count: int = 1) -> tf.data.Dataset:
-    """This process's equal share of `split` (remainder dropped), files shuffled with `seed`:
+    """This process's equal share of `split` (remainder dropped), in a fixed order:
     {"image": uint8 [H, W, C] (celeb_a: JPEG bytes), "label": int32 [] [, "attributes": [40]]}."""
     if process_count > 1:
         split = tfds.split_for_jax_process(split, process_index=process_index,
                                            process_count=process_count, drop_remainder=True)
     decoders = {"image": tfds.decode.SkipDecoding()} if name == "celeb_a" else None
-    ds = builder.as_dataset(split=split, shuffle_files=seed is not None, decoders=decoders,
-                            read_config=tfds.ReadConfig(shuffle_seed=seed or 0,
-                                                        try_autocache=False))
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+                            read_config=tfds.ReadConfig(try_autocache=False))
     if name == "celeb_a":
         def canonical(ex):
             attributes = tf.stack([tf.cast(ex["attributes"][k], tf.int32)
@@ -102,7 +101,7 @@ def dataset_info(data_cfg) -> DatasetInfo:
                        num_examples(_builder(data_cfg), name, "train"), "tfds")
 
 
-def examples(data_cfg, split, seed=None, process_index=0, process_count=1):
+def examples(data_cfg, split, process_index=0, process_count=1):
     how_to_get = instructions.tfds_dataset(data_cfg.name, data_cfg.data_dir)
-    return read(prepare(_builder(data_cfg), how_to_get), data_cfg.name, split, seed,
-                process_index, process_count)
+    return read(prepare(_builder(data_cfg), how_to_get), data_cfg.name, split, process_index,
+                process_count)
