@@ -53,6 +53,7 @@ RESUMABLE_KEYS = (
     "training.num_steps", "training.log_every", "training.checkpoint_every",
     "training.sample_every", "training.keep_checkpoints", "training.max_nonfinite_steps",
     "training.learning_rate", "training.warmup_steps", "training.grad_clip",
+    "training.init_from",
     # memory and precision knobs: how the same parameters are computed, not what they are
     "model.dtype", "model.remat", "model.attention_impl", "training.grad_accum_steps",
     "sampling.", "eval.", "modes.", "mesh.", "data.data_dir", "data.debian_dir",

@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.sample_every = 20_000
     t.keep_checkpoints = 3
     t.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row
+    # a --workdir whose newest checkpoint's parameters a new run starts from (fine-tuning,
+    # e.g. at 256x256 from 64x64; dmz_jax/warm_start.py); ignored once this run has its own
+    t.init_from = ml_collections.config_dict.placeholder(str)
 
     c.sampling = s = ml_collections.ConfigDict()
     s.num_samples = 64

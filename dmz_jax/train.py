@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dmz_jax import checkpointing, config_checks, data, evaluate, sharding
+from dmz_jax import checkpointing, config_checks, data, evaluate, sharding, warm_start
 from dmz_jax.model import create_model
 from dmz_jax.train_state import (TrainState, center_encoder_logits, compile_train_step,
                                  create_train_state, make_diffusion, make_optimizer)
@@ -60,6 +60,10 @@ class Run:
         self._init = jax.jit(init, out_shardings=self.state_sharding)
         self.restored = checkpointing.restore_latest(
             self.manager, checkpointing.placed(abstract, self.state_sharding), config)
+        self._init_from = None  # training.init_from: checked now, read by fresh_state
+        if self.restored is None and config.training.init_from:
+            self._init_from = (warm_start.check(config.training.init_from, abstract.params),
+                               checkpointing.placed(abstract.params, self.state_sharding.params))
         self.writer = metric_writers.create_default_writer(
             workdir, just_logging=jax.process_index() > 0)
 
@@ -70,10 +74,14 @@ class Run:
     def fresh_state(self) -> TrainState:
         """The state a new run starts from (deterministic in config.seed and the data).
 
-        The encoder bias is centred on the first model.encoder.center_examples training
-        images (fixed order), when that is > 0.
+        With training.init_from, the parameters (raw and EMA) of that run's newest
+        checkpoint. Else the encoder bias is centred on the first
+        model.encoder.center_examples training images (fixed order), when that is > 0.
         """
         state = self._init()
+        if self._init_from is not None:
+            params, ema_params = warm_start.load(*self._init_from)
+            return state.replace(params=params, ema_params=ema_params)
         n = self.config.model.encoder.center_examples
         if self.model.uses_latent and n:
             images = data.load_split(self.config.data, "train", n)["image"]
@@ -85,7 +93,7 @@ class Run:
     def evaluate(self, state: TrainState) -> dict:
         """Sample grids and the probe of the EMA parameters (end-of-training summary)."""
         baseline = None
-        if self.config.eval.probe_at_init:  # the untrained encoder: what did training add?
+        if self.config.eval.probe_at_init:  # the starting encoder: what did training add?
             baseline = self.replicated(self.fresh_state().params)
         return evaluate.evaluate(self.config, self.model, self.diff,
                                  self.replicated(state.ema_params), int(state.step),

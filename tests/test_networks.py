@@ -152,3 +152,17 @@ def test_unet_shapes_and_z_enters_only_through_cross_attention(tiny):
     assert any("mid_cross_attn" in n for n in names)
     assert any("down_1_0_cross_attn" in n for n in names)  # resolution 16 = level 1
     assert not any("down_0_0_cross_attn" in n for n in names)
+
+
+def test_celebahq256_fits_a_celeba64_checkpoint_and_scratch_does_not():
+    """The fine-tuning config has celeba64's parameter shapes (dmz_jax/warm_start.py); the
+    from-scratch variant (Diff-AE's FFHQ-256 size) does not, and the check says where."""
+    from configs import celeba64, celebahq256
+    from dmz_jax import warm_start
+    low = describe.abstract_params(celeba64.get_config())
+    assert warm_start.mismatches(low, describe.abstract_params(celebahq256.get_config())) == []
+    scratch = describe.abstract_params(celebahq256.get_config("scratch"))
+    lines = warm_start.mismatches(low, scratch)
+    assert "  denoiser/down_0_0/in_conv/kernel: (3, 3, 64, 64) -> (3, 3, 128, 128)" in lines
+    groups = model_lib.parameter_groups
+    assert groups(scratch)["total"] > 1.5 * groups(low)["total"]  # 162M vs 85M

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import tiny_config
-from dmz_jax import data, sharding, train
+from conftest import tiny_config, trained_steps
+from dmz_jax import checkpointing, data, sharding, train
 from dmz_jax import train_state as ts
 from dmz_jax.model import DMZ, create_model, init_params
 
@@ -82,6 +82,55 @@ def test_rerun_resumes_from_the_latest_checkpoint(finished_run, tmp_path, caplog
         again = train.train_and_evaluate(config, workdir)
     assert "already finished at step 6" in caplog.text
     assert again["step"] == 6
+
+
+@pytest.mark.slow  # end-to-end training run
+def test_fine_tuning_at_64_starts_from_the_32_checkpoint(finished_run, tmp_path, caplog):
+    """training.init_from: a 64x64 run of the same tiny widths starts from the 32x32 run's
+    step-4 parameters (raw and EMA), with a fresh optimizer, and trains from step 0."""
+    source, _, trained = finished_run
+    config = tiny_config()
+    config.data.image_size = 64
+    config.model.attention_resolutions = (32,)  # the 32x32 run's (16,): the same level
+    config.training.update(init_from=source, num_steps=2)
+    config.eval.at_end = False
+    run = train.Run(config, str(tmp_path / "hi_res"))
+    start = jax.device_get(run.initial_state())
+    for name in ("params", "ema_params"):
+        for a, b in zip(jax.tree.leaves(getattr(trained, name)),
+                        jax.tree.leaves(getattr(start, name))):
+            np.testing.assert_array_equal(a, b)
+    assert int(start.step) == 0
+    assert all(np.all(x == 0) for x in jax.tree.leaves(start.opt_state) if x.ndim)  # moments
+    with caplog.at_level(logging.INFO):
+        state, loss, _ = train.train(run, start)
+    run.close()
+    assert int(state.step) == 2 and np.isfinite(loss)
+    assert "Resuming" not in caplog.text
+    # the 64x64 run now has its own checkpoint: a rerun resumes it, init_from is ignored
+    config.training.num_steps = 3
+    rerun = train.Run(config, str(tmp_path / "hi_res"))
+    assert int(rerun.initial_state().step) == 2
+    rerun.close()
+
+
+def test_init_from_refuses_what_does_not_fit_before_compiling(finished_run, tmp_path,
+                                                              monkeypatch):
+    """Other widths: every misfit parameter named, nothing compiled, nothing written."""
+    monkeypatch.setattr(train, "compile_train_step", lambda *a, **k: pytest.fail("compiled"))
+    config = tiny_config()
+    config.model.model_channels = 32
+    config.training.init_from = finished_run[0]
+    with pytest.raises(checkpointing.ConfigMismatchError) as err:
+        train.Run(config, str(tmp_path / "wide"))
+    text = str(err.value)
+    assert "do not fit this model" in text and "keep model_channels" in text
+    assert "denoiser/down_0_0/in_conv/kernel: (3, 3, 16, 16) -> (3, 3, 32, 32)" in text
+    assert trained_steps(str(tmp_path / "wide")) == []
+    config.model.model_channels = 16
+    config.training.init_from = str(tmp_path / "empty")
+    with pytest.raises(checkpointing.ConfigMismatchError, match="holds no checkpoint"):
+        train.Run(config, str(tmp_path / "other"))
 
 
 def _steps_on_mesh(config, mesh, batches):
