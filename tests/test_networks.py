@@ -2,15 +2,12 @@
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from dmz_jax import describe, model as model_lib
 from dmz_jax.networks import latent, layers
-from dmz_jax.networks.unet import Conditioning, UNet
 
 
 def test_timestep_embedding_layout_is_cos_then_sin():
