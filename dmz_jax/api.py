@@ -132,9 +132,12 @@ class Model:
     # --- batching
 
     def _map(self, fn, arrays: dict, rng: Optional[jax.Array] = None) -> np.ndarray:
-        """fn(params, batch dict, rng) over fixed-size batches of `arrays` (first axis)."""
+        """fn(params, batch dict, rng) over batches of sampling.batch_size rows of `arrays`
+        (the last one padded), each split over every device: one compile per fn, whatever
+        the number of rows. Batch i + 1 is dispatched before batch i is copied back, so the
+        devices never wait for the host."""
         n = len(next(iter(arrays.values())))
-        out, shard = [], sharding.batch_sharding(self.mesh)
+        out, in_flight, shard = [], [], sharding.batch_sharding(self.mesh)
         for i, start in enumerate(range(0, n, self.batch_size)):
             chunk = {}
             for key, value in arrays.items():
@@ -142,7 +145,11 @@ class Model:
                 pad = np.zeros((self.batch_size - len(part),) + part.shape[1:], np.float32)
                 chunk[key] = jax.device_put(np.concatenate([part, pad]), shard)
             key = jax.random.fold_in(rng if rng is not None else jax.random.PRNGKey(0), i)
-            out.append(np.asarray(fn(self.params, chunk, key))[:min(self.batch_size, n - start)])
+            in_flight.append((fn(self.params, chunk, key), min(self.batch_size, n - start)))
+            if len(in_flight) == 2:
+                result, rows = in_flight.pop(0)
+                out.append(np.asarray(result)[:rows])
+        out.extend(np.asarray(result)[:rows] for result, rows in in_flight)
         return np.concatenate(out)
 
     def _denoise_fn(self, params, z):

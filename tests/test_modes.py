@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from dmz_jax import api, checkpointing, data, evaluate, modes, train
+from dmz_jax import api, checkpointing, data, evaluate, modes, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,6 +67,26 @@ def test_encode_decode_shapes_and_exact_bits(model):
     a = model.decode(z[:3], x_T, steps=5, method="ddim", eta=0.0)
     b = model.decode(z[:3], x_T, steps=5, method="ddim", eta=0.0)
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_sampling_is_split_over_the_devices_and_compiled_once_per_K(model):
+    """3 rows and 19 rows (3 batches of 8, the last padded) at K=2: one executable, whose
+    output is split over the 8 devices; another K is a second executable."""
+    s = model.config.sampling
+    decode_fn = lambda k: model._decode_fn(k, s.method, float(s.eta), False,  # noqa: E731
+                                           bool(s.clip_denoised))
+    assert model.sample(3, steps=2).shape == (3, 32, 32, 1)
+    many = model.sample(19, steps=2, seed=1)
+    assert many.shape == (19, 32, 32, 1) and np.all(np.isfinite(many))
+    fn = decode_fn(2)
+    batch = {"z": jax.device_put(np.zeros((8, 8), np.float32),
+                                 sharding.batch_sharding(model.mesh))}
+    out = fn(model.params, batch, jax.random.PRNGKey(0))
+    assert len(out.sharding.device_set) == 8 and out.sharding.shard_shape(out.shape)[0] == 1
+    assert fn._cache_size() == 1
+    model.sample(2, steps=3)
+    assert decode_fn(3)._cache_size() == 1 and fn._cache_size() == 1
 
 
 @pytest.mark.slow
