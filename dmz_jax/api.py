@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Optional
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from dmz_jax import checkpointing, diffusion, samplers, sharding
 from dmz_jax.config_base import base_config
@@ -58,7 +58,7 @@ def _config_from_dict(saved: dict) -> ml_collections.ConfigDict:
 
 def _manager(workdir: str) -> ocp.CheckpointManager:
     path = checkpointing.checkpoint_dir(workdir)
-    if not os.path.isdir(path):
+    if not epath.Path(path).is_dir():
         raise NoCheckpointError(f"{workdir} has no checkpoints/ folder: train first, e.g. "
                                 f"python -m dmz_jax.main --config=... --workdir={workdir}")
     return ocp.CheckpointManager(path, item_names=("state", "config"))
@@ -271,7 +271,7 @@ class Model:
 
     @property
     def prior_path(self) -> str:
-        return os.path.join(self.workdir or ".", "prior")
+        return str(epath.Path(self.workdir or ".") / "prior")
 
     def sample(self, n: int, *, steps: Optional[int] = None, prior: str = "bernoulli",
                seed: int = 0, method: Optional[str] = None) -> np.ndarray:

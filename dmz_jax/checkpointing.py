@@ -22,7 +22,7 @@ Safety rules:
     diff of what changed (`ConfigMismatchError`); `set_aside` moves old checkpoints away for a
     fresh start. Keys in RESUMABLE_KEYS may change on resume; each change is logged
     (`Resuming with training.learning_rate 0.001 -> 0.0005`). Nothing is ever deleted except
-    orbax's own rotation (keep_checkpoints).
+    orbax's own rotation (keep_checkpoints). Paths go through etils.epath: gs:// works.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Any, Optional
 
@@ -90,7 +89,14 @@ class _CorruptCheckpoint(Exception):
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    """WORKDIR/checkpoints: absolute when local; a gs:// (any URL) workdir stays remote."""
+    return str(epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+               / "checkpoints")
+
+
+def _move(src: epath.Path, dest: epath.Path) -> None:  # local, or gs:// via tf.io.gfile
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dest)
 
 
 def create_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -203,20 +209,20 @@ def corruption_reason(error: BaseException) -> Optional[str]:
     return None
 
 
-def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
-    return os.path.join(str(manager.directory), str(step))
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    return epath.Path(manager.directory) / str(step)
 
 
-def read_config(step_dir: str) -> dict:
+def read_config(step_dir: epath.Path) -> dict:
     """The config saved in a step folder, read without orbax's cross-process barrier.
 
     Raises `_CorruptCheckpoint` when the folder lacks an item or the config is not a JSON
     object; a folder that cannot be listed raises its OSError (not corruption).
     """
-    missing = [item for item in ITEMS if item not in os.listdir(step_dir)]
+    missing = [item for item in ITEMS if item not in {p.name for p in step_dir.iterdir()}]
     if missing:
         raise _CorruptCheckpoint(f"the step folder has no {' or '.join(missing)}/ item")
-    saved = ocp.JsonCheckpointHandler().restore(epath.Path(step_dir) / "config")
+    saved = ocp.JsonCheckpointHandler().restore(step_dir / "config")
     if not isinstance(saved, dict):
         raise _CorruptCheckpoint("the saved config is not a JSON object")
     return saved
@@ -274,7 +280,7 @@ def _worst(code: int) -> int:
 def _classify(manager: ocp.CheckpointManager, step: int, error: Exception) -> _Decision:
     """Corrupt when `error` proves it and the step folder is still there, else a failure."""
     reason = corruption_reason(error)
-    if reason and os.path.isdir(_step_dir(manager, step)):
+    if reason and _step_dir(manager, step).is_dir():
         return _Decision(_CORRUPT, step, reason)
     text = str(error).splitlines()[0][:500] if str(error) else ""
     return _Decision(_FAILED, step, f"{type(error).__name__}: {text}")
@@ -313,16 +319,15 @@ def _restore_state(manager: ocp.CheckpointManager, decision: _Decision,
 
 def _move_aside(manager: ocp.CheckpointManager, step: int, why: str) -> str:
     """Process 0 moves a corrupt step to WORKDIR/checkpoints_corrupt/; all then reload."""
-    dest = os.path.join(os.path.dirname(str(manager.directory)), "checkpoints_corrupt",
-                        f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    dest = (epath.Path(manager.directory).parent / "checkpoints_corrupt"
+            / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     logging.warning("Checkpoint at step %d cannot be loaded (%s); moved to %s and skipped.",
                     step, why, dest)
-    if _process()[0] == 0 and os.path.exists(_step_dir(manager, step)):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.move(_step_dir(manager, step), dest)
+    if _process()[0] == 0 and _step_dir(manager, step).exists():
+        _move(_step_dir(manager, step), dest)
     _barrier(f"dmz_checkpoint_moved_{step}")  # nobody reloads before the move is done
     manager.reload()
-    return dest
+    return str(dest)
 
 
 def _failure(manager: ocp.CheckpointManager, decision: _Decision) -> CheckpointRestoreError:
@@ -381,15 +386,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
 
 def set_aside(workdir: str) -> Optional[str]:
     """Moves WORKDIR/checkpoints (and summary.json) to WORKDIR/checkpoints.old-<time>."""
-    src = checkpoint_dir(workdir)
-    if not os.path.exists(src):
+    src = epath.Path(checkpoint_dir(workdir))
+    if not src.exists():
         return None
-    dest = f"{src}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest = src.parent / f"{src.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
     if _process()[0] == 0:
-        shutil.move(src, dest)
-        summary = os.path.join(workdir, "summary.json")
-        if os.path.exists(summary):
-            shutil.move(summary, os.path.join(dest, "summary.json"))
+        _move(src, dest)
+        summary = src.parent / "summary.json"
+        if summary.exists():
+            _move(summary, dest / "summary.json")
     _barrier("dmz_checkpoint_set_aside")  # nobody opens the folder before it has moved
     logging.warning("Moved the previous checkpoints to %s; starting fresh.", dest)
-    return dest
+    return str(dest)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Callable, Optional
 
 import jax
 import numpy as np
 import optax
+from etils import epath
 
 from dmz_jax import data, diffusion, images, samplers, sharding
 from dmz_jax.metrics import probes
@@ -95,13 +95,13 @@ def evaluate_probe(config, model: DMZ, params, mesh, baseline_params=None) -> di
 def write_sample_grids(config, model: DMZ, diff, params, step: int, workdir: str,
                        writer=None) -> list[str]:
     """Samples with each of config.sampling.steps; writes PNGs (and TensorBoard images)."""
-    folder = os.path.join(workdir, "samples")
-    os.makedirs(folder, exist_ok=True)
+    folder = epath.Path(workdir) / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in map(int, config.sampling.steps):
         x = make_sample_fn(config, model, diff, k)(params, jax.random.PRNGKey(config.seed + 1))
         grid = images.make_grid(images.to_uint8(np.asarray(x)))
-        path = os.path.join(folder, f"step{step:08d}_K{k}.png")
+        path = str(folder / f"step{step:08d}_K{k}.png")
         if jax.process_index() == 0:
             images.save_png(path, grid)
         if writer is not None:
@@ -250,7 +250,7 @@ def run_evaluation(config, workdir: str, checkpoint=None) -> str:
     train = data.load_split(config.data, "train", max(n, v.probe_train_examples))
     test = data.load_split(config.data, "test")
     name, feature_fn, notes = feature_network(config, train, test)
-    priors = ["bernoulli"] + (["learned"] if os.path.exists(model.prior_path) else [])
+    priors = ["bernoulli"] + (["learned"] if epath.Path(model.prior_path).exists() else [])
     if not model.model.uses_latent:
         priors = ["bernoulli"]  # no z: the plain diffusion model
     metrics.update({"fd_features": name, "fd_num_samples": min(n, len(train["image"])),
@@ -274,8 +274,7 @@ def run_evaluation(config, workdir: str, checkpoint=None) -> str:
         if config.model.latent_type == "binary":
             metrics["prior_fit"] = prior_fit(*codes, np.random.default_rng(config.seed),
                                              v.neighbour_bits)
-    path = os.path.join(out, "metrics.json")
-    with open(path, "w") as f:
-        json.dump(metrics, f, indent=2)
+    path = epath.Path(out) / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2))
     logging.info("Wrote %s", path)
     return out

@@ -15,6 +15,7 @@ import os
 from typing import Optional
 
 import numpy as np
+from etils import epath
 
 from dmz_jax import api, data, images
 from dmz_jax.data import specs
@@ -26,26 +27,29 @@ class ModeError(ValueError):
 
 def output_dir(workdir: str, mode: str) -> str:
     """W/MODE, or the first W/MODE.i that does not exist yet (created, empty)."""
-    path, i = os.path.join(workdir, mode), 0
-    while os.path.exists(path):
+    path, i = epath.Path(workdir) / mode, 0
+    while path.exists():
         i += 1
-        path = os.path.join(workdir, f"{mode}.{i}")
-    os.makedirs(path)
-    return path
+        path = epath.Path(workdir) / f"{mode}.{i}"
+    path.mkdir(parents=True)
+    return str(path)
 
 
 def _start(config, workdir: str, checkpoint: Optional[int], mode: str):
     model = api.load(workdir, checkpoint=checkpoint, config=config)
     out = output_dir(workdir, mode)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump({"checkpoint_step": model.step, "config": config.to_dict()}, f, indent=2,
-                  default=str)
+    (epath.Path(out) / "config.json").write_text(json.dumps(
+        {"checkpoint_step": model.step, "config": config.to_dict()}, indent=2, default=str))
     return model, out
 
 
+def _write_npz(path: str, **arrays) -> None:
+    with epath.Path(path).open("wb") as f:  # local or gs://
+        np.savez_compressed(f, **arrays)
+
+
 def _write_json(path: str, values: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(values, f, indent=2)
+    epath.Path(path).write_text(json.dumps(values, indent=2))
     logging.info("Wrote %s", path)
 
 
@@ -75,7 +79,7 @@ def sample(config, workdir, checkpoint=None) -> str:
     for k in map(int, s.steps):
         x = model.sample(s.num_samples, steps=k, prior=s.prior, seed=s.seed)
         name = f"{s.prior}_{s.method}_K{k}"
-        np.savez_compressed(os.path.join(out, f"{name}.npz"), images=images.to_uint8(x))
+        _write_npz(os.path.join(out, f"{name}.npz"), images=images.to_uint8(x))
         images.save_png(os.path.join(out, f"{name}.png"), images.make_grid(images.to_uint8(x)))
         logging.info("Wrote %s/%s.{png,npz}", out, name)
     return out
@@ -90,7 +94,7 @@ def encode(config, workdir, checkpoint=None) -> str:
               "labels": split["label"]}
     if "attributes" in split:
         arrays["attributes"] = split["attributes"]
-    np.savez_compressed(os.path.join(out, "codes.npz"), **arrays)
+    _write_npz(os.path.join(out, "codes.npz"), **arrays)
     logging.info("Wrote %s/codes.npz (%d codes of %d bits)", out, *arrays["bits"].shape)
     return out
 
@@ -198,7 +202,7 @@ def train_prior(config, workdir, checkpoint=None) -> str:
     if config.model.latent_type != "binary":
         raise ModeError("train_prior models binary codes; this model's latent is "
                         f"{config.model.latent_type}")
-    if os.path.exists(model.prior_path):
+    if epath.Path(model.prior_path).exists():
         raise ModeError(f"{model.prior_path} exists; move it away to train a new prior")
     o = config.modes
     train_codes = model.training_codes()

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 
 _LOG2E = 1.0 / math.log(2.0)
 _MODEL_JSON = "model.json"
@@ -232,30 +233,32 @@ def train_prior(codes: Any, *, steps: int = 2000, batch_size: int = 256,
 
 # --- Checkpoints
 
+def _absolute(path: str) -> epath.Path:
+    """An absolute local path (orbax needs one), or the gs:// (any URL) path as it is."""
+    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
 def save_prior(path: str, params: Any, model_kwargs: Optional[dict] = None) -> None:
     """Writes PATH/params (orbax) and PATH/model.json (BitPrior kwargs, num_bits filled in)."""
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
+    path = _absolute(path)
+    path.mkdir(parents=True, exist_ok=True)
     num_bits = int(params["params"]["pos"].shape[1])
     kwargs = dict(model_kwargs or {}, num_bits=num_bits)
     make_model(num_bits, kwargs)  # validates the kwargs before anything is written
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(path, _PARAMS_DIR), params, force=True)
+    checkpointer.save(path / _PARAMS_DIR, params, force=True)
     checkpointer.wait_until_finished()
-    with open(os.path.join(path, _MODEL_JSON), "w") as f:
-        json.dump(kwargs, f, indent=2, sort_keys=True)
+    (path / _MODEL_JSON).write_text(json.dumps(kwargs, indent=2, sort_keys=True))
 
 
 def load_prior(path: str) -> tuple[Any, BitPrior]:
     """(params, model) saved by `save_prior` at PATH; FileNotFoundError if there is none."""
-    path = os.path.abspath(path)
-    json_path = os.path.join(path, _MODEL_JSON)
-    if not os.path.exists(json_path) or not os.path.isdir(os.path.join(path, _PARAMS_DIR)):
+    path = _absolute(path)
+    if not (path / _MODEL_JSON).exists() or not (path / _PARAMS_DIR).is_dir():
         raise FileNotFoundError(
             f"no bit prior checkpoint at {path}; run --mode=train_prior first")
-    with open(json_path) as f:
-        kwargs = json.load(f)
+    kwargs = json.loads((path / _MODEL_JSON).read_text())
     model = make_model(kwargs["num_bits"], kwargs)
     target = jax.eval_shape(lambda: init_prior(model, jax.random.PRNGKey(0)))
-    params = ocp.StandardCheckpointer().restore(os.path.join(path, _PARAMS_DIR), target)
+    params = ocp.StandardCheckpointer().restore(path / _PARAMS_DIR, target)
     return params, model

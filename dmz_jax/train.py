@@ -18,6 +18,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
 from dmz_jax import checkpointing, config_checks, data, evaluate, sharding, warm_start
 from dmz_jax.model import create_model
@@ -50,7 +51,7 @@ class Run:
         self.model = create_model(config)
         self.diff = make_diffusion(config)
         self.tx = make_optimizer(config.training)
-        os.makedirs(workdir, exist_ok=True)
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         if fresh:
             checkpointing.set_aside(workdir)
         self.manager = checkpointing.create_manager(workdir, config.training.keep_checkpoints)
@@ -230,11 +231,10 @@ def train(run: Run, state: TrainState) -> tuple[TrainState, Optional[float], boo
 
 def _finished_summary(workdir: str, step: int) -> Optional[dict]:
     """summary.json of a run that already finished at `step`, or None."""
-    path = os.path.join(workdir, "summary.json")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "summary.json"
+    if not path.exists():
         return None
-    with open(path) as f:
-        summary = json.load(f)
+    summary = json.loads(path.read_text())
     return summary if summary.get("step") == step else None
 
 
@@ -270,8 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         summary.update(run.evaluate(state))
     run.close()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        (epath.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2))
     logging.info("Summary: step=%d train_loss=%s probe_accuracy=%s", summary["step"],
                  summary["train_loss"], summary.get("probe_accuracy"))
     return summary

@@ -178,6 +178,16 @@ def test_changes_the_optimizer_state_cannot_take_are_refused(workdir, tiny, key,
     assert _steps(workdir) == ["1", "2"]
 
 
+def test_remote_workdirs_stay_remote(tmp_path, monkeypatch):
+    """A gs:// workdir keeps its scheme (os.path.abspath made it ./gs:/bucket/run before);
+    a local one becomes absolute."""
+    from dmz_jax import prior
+    assert checkpointing.checkpoint_dir("gs://bucket/run") == "gs://bucket/run/checkpoints"
+    assert str(prior._absolute("gs://bucket/run/prior")) == "gs://bucket/run/prior"
+    monkeypatch.chdir(tmp_path)
+    assert checkpointing.checkpoint_dir("run") == str(tmp_path / "run" / "checkpoints")
+
+
 def test_a_key_the_code_retired_does_not_block_resume(tiny):
     """Checkpoints written before data.shuffle_buffer was retired resume; other unknown keys
     (a model option this code does not know) still count as a difference."""
@@ -207,8 +217,9 @@ def _as_process(monkeypatch, index, replies, events):
                         lambda name: events.append("barrier"))
     monkeypatch.setattr(multihost_utils, "process_allgather",
                         lambda x, tiled=False: np.stack([x, x]))
-    real_move = shutil.move
-    monkeypatch.setattr(shutil, "move", lambda *a: (events.append("move"), real_move(*a)))
+    real_move = checkpointing._move
+    monkeypatch.setattr(checkpointing, "_move",
+                        lambda *a: (events.append("move"), real_move(*a)))
     return sent
 
 
