@@ -21,6 +21,7 @@ config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Config fi
 flags.DEFINE_list("steps", ["0", "1000", "10000", "100000", "1000000", "100000000"],
                   "Resume steps S.")
 flags.DEFINE_float("replay_limit", 120.0, "Stop timing the replayed stream past this many s.")
+flags.DEFINE_integer("throughput_batches", 500, "Batches timed per stream for images/s.")
 FLAGS = flags.FLAGS
 
 
@@ -28,6 +29,17 @@ def first_batch_seconds(make_iterator) -> float:
     t0 = time.perf_counter()
     next(make_iterator())
     return time.perf_counter() - t0
+
+
+def images_per_second(make_iterator, batch_size: int, batches: int) -> float:
+    """Steady-state rate of a stream: `batches` batches timed after 20 warm-up ones."""
+    it = make_iterator()
+    for _ in range(20):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch_size / (time.perf_counter() - t0)
 
 
 def replayed_stream(data_cfg, batch_size: int, seed: int, start_step: int):
@@ -63,6 +75,14 @@ def main(_):
         else:
             replay += " | -"
         print(f"| {s:,} | {s * b:,} | {ours:.2f} | {replay} |", flush=True)
+    print("\n| round | dmz_jax img/s | replayed stream img/s |\n|---:|---:|---:|")
+    for r in range(3):  # alternated: the machine's load drifts
+        ours = images_per_second(lambda: data.train_iterator(
+            config.data, batch_size=b, seed=seed, process_index=0, process_count=1), b,
+            FLAGS.throughput_batches)
+        old = images_per_second(lambda: replayed_stream(config.data, b, seed, 0), b,
+                                FLAGS.throughput_batches)
+        print(f"| {r} | {ours:,.0f} | {old:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":
