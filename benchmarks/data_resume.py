@@ -20,7 +20,7 @@ from dmz_jax.data import pipeline
 config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Config file.")
 flags.DEFINE_list("steps", ["0", "1000", "10000", "100000", "1000000", "100000000"],
                   "Resume steps S.")
-flags.DEFINE_float("replay_limit", 120.0, "Stop timing the replayed stream past this many s.")
+flags.DEFINE_float("replay_limit", 30.0, "Stop timing the replayed stream past this many s.")
 flags.DEFINE_integer("throughput_batches", 500, "Batches timed per stream for images/s.")
 FLAGS = flags.FLAGS
 

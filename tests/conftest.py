@@ -15,6 +15,19 @@ jax.config.update("jax_compilation_cache_dir",
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+# The longest files first: with a file per worker (--dist loadfile) they would otherwise start
+# last and leave the other worker idle at the end of the run.
+LONG_FILES_FIRST = ("test_preemption.py", "test_multiprocess.py", "test_train.py",
+                    "test_modes.py", "test_ablations.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONG_FILES_FIRST.index(name) if name in LONG_FILES_FIRST else len(LONG_FILES_FIRST)
+    items.sort(key=rank)  # stable: the order inside a file is kept
+
+
 def tiny_config():
     """The offline default shrunk to a U-Net that compiles in seconds."""
     from configs import fashion_mnist
