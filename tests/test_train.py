@@ -114,6 +114,7 @@ def test_fine_tuning_at_64_starts_from_the_32_checkpoint(finished_run, tmp_path,
     rerun.close()
 
 
+@pytest.mark.slow  # needs the trained run
 def test_init_from_refuses_what_does_not_fit_before_compiling(finished_run, tmp_path,
                                                               monkeypatch):
     """Other widths: every misfit parameter named, nothing compiled, nothing written."""
