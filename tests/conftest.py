@@ -28,6 +28,16 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: the order inside a file is kept
 
 
+def subprocess_env(cache_dir):
+    """The environment of a `python -m dmz_jax.main` subprocess: one CPU device (a user's
+    run, not the 8 fake ones), TensorFlow quiet, every compile in the shared cache_dir."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+               JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
 def tiny_config():
     """The offline default shrunk to a U-Net that compiles in seconds."""
     from configs import fashion_mnist

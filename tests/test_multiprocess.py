@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import tiny_config, trained_steps
+from conftest import subprocess_env, tiny_config, trained_steps
 from dmz_jax import checkpointing, data, sharding, train
 from dmz_jax import train_state as ts
 from dmz_jax.model import create_model
@@ -53,10 +53,7 @@ def _free_port() -> int:
 def _start_pair(workdir, cache_dir, log_prefix, *extra):
     """Processes 0 and 1 of a 2-process run; their output goes to LOG_PREFIX{0,1}.txt.
     Checkpoints every step unless EXTRA says otherwise."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               JAX_COMPILATION_CACHE_DIR=cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    env.pop("XLA_FLAGS", None)  # one device per process
+    env = subprocess_env(cache_dir)  # one device per process
     port = _free_port()
     procs = []
     for i in range(2):

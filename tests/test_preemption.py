@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import saved_state, trained_steps
+from conftest import saved_state, subprocess_env, trained_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "fashion_mnist.py") + ":tiny"
@@ -29,20 +29,12 @@ def compile_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("compile_cache"))
 
 
-def _env(cache_dir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               JAX_COMPILATION_CACHE_DIR=cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    env.pop("XLA_FLAGS", None)  # one device, like a user's run
-    return env
-
-
 def _start(workdir, num_steps, cache_dir, log_path, *extra):
     cmd = [sys.executable, "-m", "dmz_jax.main", f"--config={TINY}", f"--workdir={workdir}",
            f"--config.training.num_steps={num_steps}", "--config.training.checkpoint_every=1",
            "--config.training.log_every=1", "--config.eval.at_end=False", *extra]
     log = open(log_path, "ab")
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(cache_dir), stdout=log,
+    return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(cache_dir), stdout=log,
                             stderr=subprocess.STDOUT)
 
 
