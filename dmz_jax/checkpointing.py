@@ -58,9 +58,7 @@ RESUMABLE_KEYS = (
     "sampling.", "eval.", "modes.", "mesh.", "data.data_dir", "data.debian_dir",
     "data.source", "data.download",
 )
-# Keys the code no longer has; a checkpoint that still holds them resumes (data.shuffle_buffer:
-# the train stream is a full permutation per epoch now, see dmz_jax/data/pipeline.py).
-RETIRED_KEYS = ("data.shuffle_buffer",)
+RETIRED_KEYS = ("data.shuffle_buffer",)  # keys the code dropped: ignored in saved configs
 # Resumable keys whose 0 removes an optimizer transform, which changes the structure of the
 # optimizer state: they may change only while they stay on the same side of 0.
 SWITCH_KEYS = {"training.grad_clip": "gradient clipping",
@@ -88,10 +86,13 @@ class _CorruptCheckpoint(Exception):
     """A step folder that cannot be a complete checkpoint (an item is missing)."""
 
 
+def absolute(path: str) -> epath.Path:
+    """`path` made absolute when local (orbax needs that); a gs:// (any URL) path as it is."""
+    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
 def checkpoint_dir(workdir: str) -> str:
-    """WORKDIR/checkpoints: absolute when local; a gs:// (any URL) workdir stays remote."""
-    return str(epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
-               / "checkpoints")
+    return str(absolute(workdir) / "checkpoints")
 
 
 def _move(src: epath.Path, dest: epath.Path) -> None:  # local, or gs:// via tf.io.gfile
@@ -386,8 +387,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
 
 def set_aside(workdir: str) -> Optional[str]:
     """Moves WORKDIR/checkpoints (and summary.json) to WORKDIR/checkpoints.old-<time>."""
-    src = epath.Path(checkpoint_dir(workdir))
-    if not src.exists():
+    if not (src := epath.Path(checkpoint_dir(workdir))).exists():
         return None
     dest = src.parent / f"{src.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
     if _process()[0] == 0:

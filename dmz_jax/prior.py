@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -26,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from etils import epath
+
+from dmz_jax import checkpointing
 
 _LOG2E = 1.0 / math.log(2.0)
 _MODEL_JSON = "model.json"
@@ -233,14 +233,9 @@ def train_prior(codes: Any, *, steps: int = 2000, batch_size: int = 256,
 
 # --- Checkpoints
 
-def _absolute(path: str) -> epath.Path:
-    """An absolute local path (orbax needs one), or the gs:// (any URL) path as it is."""
-    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
-
-
 def save_prior(path: str, params: Any, model_kwargs: Optional[dict] = None) -> None:
     """Writes PATH/params (orbax) and PATH/model.json (BitPrior kwargs, num_bits filled in)."""
-    path = _absolute(path)
+    path = checkpointing.absolute(path)
     path.mkdir(parents=True, exist_ok=True)
     num_bits = int(params["params"]["pos"].shape[1])
     kwargs = dict(model_kwargs or {}, num_bits=num_bits)
@@ -253,7 +248,7 @@ def save_prior(path: str, params: Any, model_kwargs: Optional[dict] = None) -> N
 
 def load_prior(path: str) -> tuple[Any, BitPrior]:
     """(params, model) saved by `save_prior` at PATH; FileNotFoundError if there is none."""
-    path = _absolute(path)
+    path = checkpointing.absolute(path)
     if not (path / _MODEL_JSON).exists() or not (path / _PARAMS_DIR).is_dir():
         raise FileNotFoundError(
             f"no bit prior checkpoint at {path}; run --mode=train_prior first")

@@ -181,9 +181,8 @@ def test_changes_the_optimizer_state_cannot_take_are_refused(workdir, tiny, key,
 def test_remote_workdirs_stay_remote(tmp_path, monkeypatch):
     """A gs:// workdir keeps its scheme (os.path.abspath made it ./gs:/bucket/run before);
     a local one becomes absolute."""
-    from dmz_jax import prior
     assert checkpointing.checkpoint_dir("gs://bucket/run") == "gs://bucket/run/checkpoints"
-    assert str(prior._absolute("gs://bucket/run/prior")) == "gs://bucket/run/prior"
+    assert str(checkpointing.absolute("gs://bucket/run/prior")) == "gs://bucket/run/prior"
     monkeypatch.chdir(tmp_path)
     assert checkpointing.checkpoint_dir("run") == str(tmp_path / "run" / "checkpoints")
 

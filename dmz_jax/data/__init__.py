@@ -36,7 +36,8 @@ def train_iterator(data_cfg, *, batch_size: int, seed: int, process_index=None,
     Each process (default: jax's) reads its own equal share of the train split, held in memory
     undecoded and reshuffled every epoch, deterministic in (seed, process). Batch start_step is
     exactly what an iterator started at 0 yields after start_step batches, reached in O(1)
-    (nothing is replayed): resumed training is bit-exact and resumes at once. Raises DatasetNotFoundError at the call, not at the first next().
+    (nothing is replayed): resumed training is bit-exact and resumes at once. Raises
+    DatasetNotFoundError at the call, not at the first next().
     """
     if process_index is None or process_count is None:
         import jax
