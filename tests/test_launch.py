@@ -5,7 +5,6 @@ Nothing here imports JAX or needs gcloud, SLURM or a GPU: PATH holds only stubs 
 their calls, so a dry run that executed anything would leave a record.
 """
 
-import os
 import shlex
 import shutil
 import subprocess
