@@ -4,6 +4,8 @@ data_cfg: config.data (dmz_jax/config_base.py), checked by the config checks. No
 import: each function imports the module that reads data_cfg.name when called.
 """
 
+import importlib
+
 from dmz_jax.data.specs import DatasetInfo, DatasetNotFoundError, ImageFolderError
 
 __all__ = ["DatasetInfo", "DatasetNotFoundError", "ImageFolderError", "dataset_info",
@@ -11,13 +13,9 @@ __all__ = ["DatasetInfo", "DatasetNotFoundError", "ImageFolderError", "dataset_i
 
 
 def _source(data_cfg):
-    if data_cfg.name == "fashion_mnist":
-        from dmz_jax.data import fashion_mnist as source
-    elif data_cfg.name == "image_folder":
-        from dmz_jax.data import image_folder as source
-    else:
-        from dmz_jax.data import tfds_source as source
-    return source
+    """The module that reads data_cfg.name (tfds_source for cifar10 and celeb_a)."""
+    module = data_cfg.name if data_cfg.name in ("fashion_mnist", "image_folder") else "tfds_source"
+    return importlib.import_module(f"dmz_jax.data.{module}")
 
 
 def dataset_info(data_cfg) -> DatasetInfo:
@@ -39,14 +37,12 @@ def train_iterator(data_cfg, *, batch_size: int, seed: int, process_index=None,
     (nothing is replayed): resumed training is bit-exact and resumes at once. Raises
     DatasetNotFoundError at the call, not at the first next().
     """
-    if process_index is None or process_count is None:
-        import jax
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
+    import jax
     from dmz_jax.data import pipeline
-    return pipeline.train_iterator(_source(data_cfg), data_cfg, batch_size=batch_size,
-                                   seed=seed, process_index=process_index,
-                                   process_count=process_count, start_step=start_step)
+    return pipeline.train_iterator(
+        _source(data_cfg), data_cfg, batch_size=batch_size, seed=seed, start_step=start_step,
+        process_index=jax.process_index() if process_index is None else process_index,
+        process_count=jax.process_count() if process_count is None else process_count)
 
 
 def load_split(data_cfg, split: str, max_examples=None) -> dict:

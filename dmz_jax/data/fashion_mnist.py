@@ -2,8 +2,8 @@
 
 "auto" tries these in order, logs the one it uses, and never downloads:
   "tfds": tfds `fashion_mnist` prepared in data_dir (source="tfds" downloads it when missing);
-  "debian": the IDX files of Debian's dataset-fashion-mnist in data.debian_dir, turned once
-    (~15 s) into the tfds dataset `fashion_mnist_local` in data_dir;
+  "debian": the IDX files of Debian's dataset-fashion-mnist in data.debian_dir, read directly
+    (about a second; Debian's gzip wrappers fail tfds's checksums, so tfds cannot use them);
   "bundled": specs.BUNDLED_PATH, the first 10000 train / 2000 test examples.
 """
 
@@ -71,44 +71,19 @@ def read_split(source_dir: str, split: str, header_only: bool = False):
     return images, labels
 
 
-class FashionMnistLocal(tfds.builder_cls("fashion_mnist")):
-    """tfds `fashion_mnist_local`: tfds's fashion_mnist (same features) from local IDX files.
-
-    Debian's gzip wrappers differ from the upstream ones and fail tfds's checksums.
-    """
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def __init__(self, *, source_dir: str = specs.DEBIAN_DIR, **kwargs):
-        self._source_dir = source_dir
-        super().__init__(**kwargs)
-
-    def _split_generators(self, dl_manager):
-        return {split: self._examples(split) for split in specs.IDX_FILES}
-
-    def _examples(self, split):
-        images, labels = read_split(self._source_dir, split)
-        for i, (image, label) in enumerate(zip(images, labels)):
-            yield i, {"image": image[..., None], "label": int(label)}
-
-
-@functools.lru_cache(maxsize=1)
-def _bundled(path: str) -> dict:
-    """{train,test}_images uint8 [N, 28, 28], {train,test}_labels uint8 [N]."""
+@functools.lru_cache(maxsize=2)
+def _arrays(source: str, path: str) -> dict:
+    """{train,test}_images uint8 [N, 28, 28], {train,test}_labels uint8 [N] of the "bundled"
+    file or the "debian" folder `path`."""
+    if source == "debian":
+        return {f"{split}_{kind}": array for split in specs.IDX_FILES
+                for kind, array in zip(("images", "labels"), read_split(path, split))}
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
 
 
 class _Unavailable(Exception):
     """A source that "auto" skips; the message says why."""
-
-
-def _writable(path) -> bool:
-    """Whether files may be created in folder `path` (or its nearest existing ancestor)."""
-    local = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    while not os.path.exists(local):
-        local = os.path.dirname(local)
-    return "://" in os.fspath(path) or os.access(local, os.W_OK | os.X_OK)  # gs://: assume so
 
 
 def _try_tfds(data_cfg, auto):
@@ -119,9 +94,6 @@ def _try_tfds(data_cfg, auto):
 
 
 def _try_debian(data_cfg, auto):
-    builder = FashionMnistLocal(data_dir=data_cfg.data_dir, source_dir=data_cfg.debian_dir)
-    if tfds_source.is_prepared(builder):
-        return builder, tfds_source.num_examples(builder, "fashion_mnist", "train")
     try:
         num_train = read_split(data_cfg.debian_dir, "train", header_only=True)
         read_split(data_cfg.debian_dir, "test", header_only=True)
@@ -132,15 +104,13 @@ def _try_debian(data_cfg, auto):
         if not auto:
             raise
         raise _Unavailable(f"debian: {e}") from e
-    if auto and not _writable(builder.data_dir_root):
-        raise _Unavailable(f"debian: cannot write the prepared copy to {builder.data_dir_root}")
-    return builder, num_train
+    return None, num_train
 
 
 def _try_bundled(data_cfg, auto):
     if not os.path.isfile(specs.BUNDLED_PATH):
         raise _Unavailable(f"bundled: {specs.BUNDLED_PATH} not found")
-    return None, len(_bundled(specs.BUNDLED_PATH)["train_labels"])
+    return None, len(_arrays("bundled", specs.BUNDLED_PATH)["train_labels"])
 
 
 def _resolve(data_cfg):
@@ -168,17 +138,13 @@ def dataset_info(data_cfg) -> specs.DatasetInfo:
 
 def examples(data_cfg, split, process_index=0, process_count=1):
     source, builder, _ = _resolve(data_cfg)
-    if source == "bundled":  # a contiguous 1/process_count of the split, remainder dropped
-        arrays = _bundled(specs.BUNDLED_PATH)
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        n = len(labels) // process_count
-        share = slice(process_index * n, (process_index + 1) * n)
-        return tf.data.Dataset.from_tensor_slices(
-            {"image": images[share][..., None], "label": labels[share].astype(np.int32)})
     if source == "tfds":
         how_to_get = instructions.fashion_mnist(data_cfg, ["tfds: download failed"])
         tfds_source.prepare(builder, how_to_get)
-    else:
-        tfds_source.prepare(builder, download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False))
-    return tfds_source.read(builder, "fashion_mnist", split, process_index, process_count)
+        return tfds_source.read(builder, "fashion_mnist", split, process_index, process_count)
+    arrays = _arrays(source, data_cfg.debian_dir if source == "debian" else specs.BUNDLED_PATH)
+    images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    n = len(labels) // process_count  # a contiguous 1/process_count, remainder dropped
+    share = slice(process_index * n, (process_index + 1) * n)
+    return tf.data.Dataset.from_tensor_slices(
+        {"image": images[share][..., None], "label": labels[share].astype(np.int32)})

@@ -56,15 +56,13 @@ def read(builder, name: str, split: str, process_index: int = 0,
     decoders = {"image": tfds.decode.SkipDecoding()} if name == "celeb_a" else None
     ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
                             read_config=tfds.ReadConfig(try_autocache=False))
-    if name == "celeb_a":
-        def canonical(ex):
-            attributes = tf.stack([tf.cast(ex["attributes"][k], tf.int32)
-                                   for k in CELEBA_ATTRIBUTES])
-            return {"image": ex["image"], "label": tf.zeros([], tf.int32),
-                    "attributes": attributes}
-    else:
-        def canonical(ex):
+
+    def canonical(ex):
+        if name != "celeb_a":
             return {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)}
+        attributes = [tf.cast(ex["attributes"][k], tf.int32) for k in CELEBA_ATTRIBUTES]
+        return {"image": ex["image"], "label": tf.zeros([], tf.int32),
+                "attributes": tf.stack(attributes)}
     return ds.map(canonical, num_parallel_calls=pipeline.AUTOTUNE)
 
 
