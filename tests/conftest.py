@@ -10,8 +10,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+COMPILE_CACHE = os.path.join(ROOT, ".jax_cache")  # shared by the tests and their subprocesses
+TINY = os.path.join(ROOT, "configs", "fashion_mnist.py") + ":tiny"  # --config= of subprocesses
+
+jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 

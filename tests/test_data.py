@@ -19,10 +19,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from conftest import ROOT
 from dmz_jax import config_base, data
 from dmz_jax.data import fashion_mnist, pipeline, specs, tfds_source
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBIAN_PRESENT = all(os.path.isfile(os.path.join(specs.DEBIAN_DIR, f))
                      for files in specs.IDX_FILES.values() for f in files)
 

@@ -9,10 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from dmz_jax import api, checkpointing, data, evaluate, modes, sharding, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def mode_config():

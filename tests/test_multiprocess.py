@@ -26,15 +26,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import subprocess_env, tiny_config, trained_steps
+from conftest import ROOT, TINY, subprocess_env, tiny_config, trained_steps
 from dmz_jax import checkpointing, data, sharding, train
 from dmz_jax import train_state as ts
 from dmz_jax.model import create_model
 
 pytestmark = pytest.mark.slow  # training subprocesses
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "fashion_mnist.py") + ":tiny"
 STEPS = 12  # batch 8 (the tiny config): 4 examples per process per step
 
 

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import COMPILE_CACHE, ROOT
+
 NOTEBOOK = os.path.join(ROOT, "colab", "quickstart.ipynb")
 # The PNGs the notebook's `show` writes to WORKDIR/notebook/ in the tiny run (K = 2 and 5).
 PICTURES = ("samples_K2.png", "samples_K5.png", "reconstruction.png", "interpolation.png",
@@ -71,7 +72,7 @@ def test_notebook_runs_end_to_end(tmp_path):
            if key not in ("XLA_FLAGS", "PYTHONPATH")}
     env.update(DMZ_NOTEBOOK_VARIANT="tiny", DMZ_NOTEBOOK_WORKDIR=str(workdir),
                JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
+               JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
     result = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=540)

@@ -17,10 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import saved_state, subprocess_env, trained_steps
+from conftest import ROOT, TINY, saved_state, subprocess_env, trained_steps
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "fashion_mnist.py") + ":tiny"
 
 
 @pytest.fixture(scope="module")
