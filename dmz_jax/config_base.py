@@ -35,11 +35,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = m = ml_collections.ConfigDict()
     m.latent_type = "binary"  # binary | gaussian | none
     m.latent_dim = 16  # |z|
-    m.conditioning = "cross_attention"  # cross_attention | time_embedding | none
+    # cross_attention | time_embedding | none; diffusers_unet: cross_attention | z_with_t
+    # (z projected and added to the time embedding) | z_concat (concatenated to it) | none
+    m.conditioning = "cross_attention"
     m.token_dim = 128
     m.token_mlp = False
     m.token_init_scale = 1.0  # std of the z-token vectors (pos, on, off) at initialisation
-    m.binary_estimator = "bernoulli"  # training bits: bernoulli (b ~ Bern(p)) | threshold
+    # training bits: bernoulli (b ~ Bern(p), straight-through) | threshold (1[p > 0.5],
+    # straight-through) | gumbel_softmax (the authors': a soft relaxed sample, no straight-through)
+    m.binary_estimator = "bernoulli"
+    m.gumbel_temperature = 1.0  # gumbel_softmax only
+    m.gumbel_eval = "argmax"  # gumbel_softmax at evaluation: argmax (1[p > 0.5]) | sample (authors)
+    # how z becomes cross-attention tokens: per_bit (|z| tokens pos + z on + (1 - z) off) |
+    # one_hot_single (the authors': one token, the 2|z| vector of (off, on) pairs)
+    m.z_tokens = "per_bit"
+    m.backbone = "iddpm_unet"  # iddpm_unet | diffusers_unet (the authors' UNet2DConditionModel)
+    # diffusers_unet only (diffusers' UNet2DConditionModel arguments of the same names):
+    m.diffusers = h = ml_collections.ConfigDict()
+    h.attention_head_dim = 8  # diffusers' name: the head COUNT of cross-attention blocks
+    h.flip_sin_to_cos = True
+    h.freq_shift = 0
+    h.downsample_padding = 1
+    h.norm_eps = 1e-5
+    h.mid_attention = False  # UNetMidBlock2D with attention (the HF DDPM checkpoints' layout)
     m.model_channels = 128
     m.channel_mult = (1, 2, 2, 2)
     m.num_res_blocks = 3
@@ -55,7 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = False  # recompute ResBlock/attention activations in the backward pass
     m.attention_impl = "xla"  # xla | dot_product_attention (jax.nn.dot_product_attention)
     m.encoder = e = ml_collections.ConfigDict()
-    e.model_channels = 64
+    e.type = "resblocks"  # resblocks (ours) | conv_bn (the authors': Conv-BN-LeakyReLU to 2x2)
+    e.model_channels = 64  # conv_bn: the first width, doubled per stride-2 conv
     e.channel_mult = (1, 2, 2, 2)
     e.num_res_blocks = 2
     e.attention_resolutions = ()
@@ -67,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
     f.num_timesteps = 1000
     f.rescale_timesteps = False
     f.vlb_weight = 0.001
+    # learned_range (I-DDPM's hybrid loss) | fixed_small | fixed_large (MSE-only loss);
+    # learned_range needs model.learn_sigma=True, the fixed ones learn_sigma=False
+    f.variance = "learned_range"
+    f.input_perturbation = 0.0  # DDPM-IP's gamma: x_t from eps + gamma * xi, target eps
 
     c.training = t = ml_collections.ConfigDict()
     t.batch_size = 128  # global, over all devices and hosts
@@ -76,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.weight_decay = 0.0
     t.warmup_steps = 0
     t.grad_clip = 1.0  # max global gradient norm; 0.0: no clipping
+    t.timestep_sampler = "uniform"  # uniform | loss_second_moment (I-DDPM's importance sampler)
     t.encoder_lr_scale = 1.0  # the encoder's learning rate relative to learning_rate
     t.ema_decay = 0.9999
     t.ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step)); False: I-DDPM's
@@ -125,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
     v.classifier_steps = 2_000  # training steps of the classifier feature network
     v.nll_examples = 1_000  # test images of the NLL (the full VLB: T network calls each)
     v.recon_examples = 1_000  # test images of the reconstruction metrics
+    # dmz_jax | authors (their FID sample count and reference set, probe on soft codes with
+    # 5-fold CV over train and test together, NLL with soft z)
+    v.protocol = "dmz_jax"
     v.neighbour_bits = 2  # prior_fit: a sample is "near" a training code within this many bits
 
     c.mesh = ml_collections.ConfigDict()

@@ -48,6 +48,9 @@ SPECS = {
 CELEBA_CROPS = {
     "diffae": (57, 25, 128, 128),  # DDIM / Diff-AE: rows 57:185, cols 25:153
     "center": (20, 0, 178, 178),  # the central square
+    # the full frame, squashed to a square by the resize (the authors' CelebA-64; they resize
+    # with OpenCV's bilinear filter, which does not antialias, ours does)
+    "resize": (0, 0, 218, 178),
 }
 
 # The 40 binary attributes, in the order of list_attr_celeba.txt and tfds `celeb_a`.

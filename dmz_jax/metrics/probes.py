@@ -71,3 +71,38 @@ def linear_probe_accuracy(train_codes: np.ndarray, train_labels: np.ndarray,
     clf = LogisticRegression(max_iter=max_iter)
     clf.fit(train_x, train_labels)
     return float(clf.score(test_x, test_labels))
+
+
+def cross_validated_probe(codes, targets, *, attributes: bool = False, folds: int = 5,
+                          seed: int = 0) -> tuple[float, float, np.ndarray]:
+    """The authors' probe (exlab-research/dmz downstream_task_eval.py, logistic regression).
+
+    Plain `LogisticRegression()` (C = 1, lbfgs, 100 iterations), NO standardisation, scored by
+    `folds`-fold cross-validation (shuffled, random_state `seed`) over all of `codes` — the
+    authors pass train and test codes together, so the caller concatenates them.
+    Args:
+      codes: [N, D] features (the authors: the soft 2|z| Gumbel-softmax vector).
+      targets: [N] class labels (accuracy), or [N, A] binary attributes (attributes=True: ROC AUC of
+        predict_proba[:, 1] per attribute).
+    Returns:
+      (mean over folds, std over folds, per-target scores [A, folds]) of the per-fold mean over
+      targets: their "AVG: mean+std".
+    """
+    from sklearn.linear_model import LogisticRegression  # heavy imports, only when probing
+    from sklearn.model_selection import KFold
+
+    x = np.asarray(codes, np.float64)
+    y = np.asarray(targets)
+    y = y[:, None] if y.ndim == 1 else y
+    scores = np.zeros((y.shape[1], folds))
+    for f, (train, test) in enumerate(KFold(folds, shuffle=True, random_state=seed).split(x)):
+        for k in range(y.shape[1]):
+            if len(np.unique(y[train, k])) < 2 or (attributes and len(np.unique(y[test, k])) < 2):
+                scores[k, f] = np.nan  # a constant attribute in this fold: not scored
+                continue
+            clf = LogisticRegression().fit(x[train], y[train, k])
+            scores[k, f] = (auroc(clf.predict_proba(x[test])[:, 1], y[test, k]) if attributes
+                            else clf.score(x[test], y[test, k]))
+    per_fold = np.nanmean(scores, axis=0)
+    return float(per_fold.mean()), float(per_fold.std()), scores
+

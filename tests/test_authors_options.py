@@ -1,0 +1,89 @@
+"""The authors' options of the model: Gumbel-softmax bits, one (off, on) token, their configs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from dmz_jax.model import DMZ, create_model, init_params, parameter_groups
+from dmz_jax.networks import latent
+from dmz_jax.networks.latent import Encoding
+
+LOGITS = jnp.array([[-2.0, -0.5, 0.0, 0.7, 3.0]])
+
+
+def test_gumbel_soft_sample_is_soft_and_its_hard_form_is_bernoulli_of_sigmoid():
+    n = 20_000
+    logits = jnp.tile(LOGITS, (n, 1))
+    z = latent.binary_from_logits(logits, jax.random.PRNGKey(0), Encoding.TRAIN,
+                                  "gumbel_softmax", temperature=1.0)
+    z = np.asarray(z)
+    assert 0 < z.min() and z.max() < 1 and len(np.unique(z)) > n  # soft: no straight-through
+    # argmax of the pair = 1[z > 0.5] is a Bernoulli(sigmoid(l)) draw (the Gumbel-max trick)
+    p = np.asarray(jax.nn.sigmoid(LOGITS))[0]
+    np.testing.assert_allclose((z > 0.5).mean(0), p, atol=0.012)  # 4 sigma at n = 20k
+    hard = np.asarray(latent.binary_from_logits(logits, jax.random.PRNGKey(1), Encoding.SAMPLE,
+                                                "gumbel_softmax"))
+    assert set(np.unique(hard)) == {0.0, 1.0}
+    np.testing.assert_allclose(hard.mean(0), p, atol=0.012)
+    # temperature: a colder sample is harder, with the same draw's ordering
+    cold = np.asarray(latent.binary_from_logits(logits, jax.random.PRNGKey(0), Encoding.TRAIN,
+                                                "gumbel_softmax", temperature=0.1))
+    assert np.mean(np.abs(cold - 0.5)) > np.mean(np.abs(z - 0.5)) + 0.1
+    np.testing.assert_array_equal(cold > 0.5, z > 0.5)
+
+
+def test_gumbel_soft_sample_gradient_is_the_relaxation_s():
+    """d z / d l = z (1 - z) / tau for the same noise (a sigmoid of (l + noise) / tau)."""
+    key, tau = jax.random.PRNGKey(3), 0.5
+
+    def total(logits):
+        return latent.binary_from_logits(logits, key, Encoding.TRAIN, "gumbel_softmax",
+                                         temperature=tau).sum()
+    z = latent.binary_from_logits(LOGITS, key, Encoding.TRAIN, "gumbel_softmax", temperature=tau)
+    np.testing.assert_allclose(jax.grad(total)(LOGITS), z * (1 - z) / tau, rtol=1e-5)
+
+
+def test_one_hot_pairs_layout_is_off_on_per_bit():
+    z = jnp.array([[1.0, 0.0, 0.25]])
+    np.testing.assert_array_equal(latent.one_hot_pairs(z), [[0, 1, 1, 0, 0.75, 0.25]])
+
+
+def _authors_tiny(**model):
+    c = tiny_config()
+    c.model.update(binary_estimator="gumbel_softmax", z_tokens="one_hot_single", **model)
+    return c
+
+
+def test_one_hot_single_is_one_token_without_token_parameters():
+    c = _authors_tiny()
+    model = create_model(c)
+    params = jax.eval_shape(lambda k: init_params(model, k, (32, 32, 1)), jax.random.PRNGKey(0))
+    assert "z_tokens" not in params
+    # the cross-attention keys read the 2|z|-wide token
+    k = params["denoiser"]["mid_cross_attn"]["k"]["kernel"]
+    assert k.shape[0] == 2 * c.model.latent_dim
+    per_bit = jax.eval_shape(lambda k: init_params(create_model(tiny_config()), k, (32, 32, 1)),
+                             jax.random.PRNGKey(0))
+    groups, ours = parameter_groups(params), parameter_groups(per_bit)
+    assert groups["encoder"] == ours["encoder"] and groups["denoiser"] == ours["denoiser"]
+    assert groups["conditioning"] < ours["conditioning"]
+
+
+def test_gumbel_eval_sample_draws_and_argmax_thresholds():
+    c = _authors_tiny(gumbel_eval="argmax")
+    model = create_model(c)
+    params = init_params(model, jax.random.PRNGKey(0), (32, 32, 1))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (16, 32, 32, 1), minval=-1, maxval=1)
+    logits = model.apply({"params": params}, x, method=DMZ.encode_logits)
+    z = model.apply({"params": params}, x, method=DMZ.encode)
+    np.testing.assert_array_equal(z, (logits > 0).astype(np.float32))
+    sampler = create_model(_authors_tiny(gumbel_eval="sample"))
+    draws = [sampler.apply({"params": params}, x, method=DMZ.encode,
+                           rngs={"latent": jax.random.PRNGKey(s)}) for s in range(2)]
+    assert set(np.unique(np.asarray(draws))) <= {0.0, 1.0}
+    assert not np.array_equal(draws[0], draws[1])  # a random draw, as the authors evaluate
+    # without a "latent" rng the draw is reproducible (key 0)
+    np.testing.assert_array_equal(sampler.apply({"params": params}, x, method=DMZ.encode),
+                                  sampler.apply({"params": params}, x, method=DMZ.encode))
