@@ -2,7 +2,7 @@
 with `--data_dir data/edges2handbags/handbags64_train` (three channels).
 
     python -m dmz_jax.main --config=configs/authors/handbags64.py --workdir=runs/authors_handbags64 \
-        --config.data.image_dir=data/edges2handbags64/handbags
+        --config.data.image_dir=data/edges2handbags64/handbags_train
 
 Everything else, deviations included, as configs/authors/edges64.py.
 """
