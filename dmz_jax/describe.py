@@ -19,10 +19,18 @@ def abstract_params(config: ml_collections.ConfigDict):
                           jax.random.PRNGKey(0))
 
 
+def unet_params(params) -> int:
+    """Parameters of the U-Net module as a whole, its cross-attention included (what the
+    authors' code logs as "number of parameters in unet")."""
+    return sum(int(leaf.size) for leaf in jax.tree.leaves(params.get("denoiser", {})))
+
+
 def describe(config: ml_collections.ConfigDict) -> str:
-    """The text printed by --mode=describe; its last four lines are `name: N` counts."""
+    """The text printed by --mode=describe; its last five lines are `name: N` counts: the
+    U-Net module (`unet_params`), then the four groups of `model.parameter_groups`."""
     params = abstract_params(config)
     counts = parameter_groups(params)
     table = parameter_overview.get_parameter_overview(params, include_stats=False)
-    return "\n".join([table] + [f"{group}_params: {counts[group]}" for group in
-                                ("encoder", "conditioning", "denoiser", "total")])
+    return "\n".join([table, f"unet_params: {unet_params(params)}"]
+                      + [f"{group}_params: {counts[group]}" for group in
+                         ("encoder", "conditioning", "denoiser", "total")])

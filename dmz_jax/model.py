@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from dmz_jax.networks import latent as latent_lib
+from dmz_jax.networks.conv_bn import ConvBNEncoder, conv_bn_widths
+from dmz_jax.networks.diffusers_unet import DiffusersUNet
 from dmz_jax.networks.latent import Encoding
 from dmz_jax.networks.unet import Conditioning, Encoder, UNet
 
@@ -104,7 +106,7 @@ class DMZ(nn.Module):
 
     @property
     def diffusers_backbone(self) -> bool:
-        return not isinstance(self.denoiser, UNet)
+        return isinstance(self.denoiser, DiffusersUNet)
 
     def setup(self):
         dtype = self.denoiser.dtype
@@ -220,12 +222,11 @@ def _denoiser(config: ml_collections.ConfigDict):
     )
 
 
-def _diffusers_unet(config: ml_collections.ConfigDict, out_channels: int):
+def _diffusers_unet(config: ml_collections.ConfigDict, out_channels: int) -> DiffusersUNet:
     """The authors' backbone: level k (resolution image_size / 2^k) is a CrossAttn block where
     z is cross-attended, an Attn block at the other attention resolutions, else plain; the mid
     block cross-attends when z does, else it is one resnet (or resnet-attention-resnet with
     model.diffusers.mid_attention, the HF DDPM checkpoints' layout)."""
-    from dmz_jax.networks.diffusers_unet import DiffusersUNet  # TODO(top-level import)
     m, h, size = config.model, config.model.diffusers, config.data.image_size
     levels = [size // 2 ** k for k in range(len(m.channel_mult))]
     cross = _cross_resolutions(m)
@@ -264,7 +265,6 @@ def _encoder(config: ml_collections.ConfigDict):
     m, e, size = config.model, config.model.encoder, config.data.image_size
     knobs = _knobs(m)
     if e.type == "conv_bn":
-        from dmz_jax.networks.conv_bn import ConvBNEncoder, conv_bn_widths  # TODO(top-level)
         return ConvBNEncoder(latent_dim=m.latent_dim,
                              widths=conv_bn_widths(size, e.model_channels), dtype=knobs["dtype"])
     return Encoder(

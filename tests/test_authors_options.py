@@ -87,3 +87,29 @@ def test_gumbel_eval_sample_draws_and_argmax_thresholds():
     # without a "latent" rng the draw is reproducible (key 0)
     np.testing.assert_array_equal(sampler.apply({"params": params}, x, method=DMZ.encode),
                                   sampler.apply({"params": params}, x, method=DMZ.encode))
+
+
+AUTHORS_CONFIGS = ("cifar10", "celeba64", "edges64", "handbags64", "celebahq256", "fashion_mnist")
+
+
+@pytest.mark.parametrize("name", AUTHORS_CONFIGS)
+def test_describe_counts_equal_the_authors_models_built_with_diffusers(name):
+    """tools/authors_param_counts.json: tools/count_authors_params.py's counts of the authors'
+    models (diffusers 0.32.0 UNet2DConditionModel + their encoder) from their README's
+    arguments. Shapes only (jax.eval_shape): nothing is allocated or compiled."""
+    import importlib
+    import json
+    import os
+
+    from conftest import ROOT
+    from dmz_jax import describe
+
+    theirs = json.load(open(os.path.join(ROOT, "tools", "authors_param_counts.json")))
+    theirs = theirs["models"][name]
+    config = importlib.import_module(f"configs.authors.{name}").get_config()
+    params = describe.abstract_params(config)
+    groups = parameter_groups(params)
+    assert describe.unet_params(params) == theirs["unet"]
+    assert groups["conditioning"] == theirs["cross_attn"]
+    assert groups["encoder"] == theirs["encoder"]
+    assert groups["total"] == theirs["total"]

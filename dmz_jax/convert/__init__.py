@@ -1,0 +1,1 @@
+"""Weight converters from other frameworks' checkpoints (numpy only, no torch)."""
