@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmz_jax.networks.diffusers_unet import conv, dense
+from dmz_jax.networks.diffusers_layers import conv, dense
 
 LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU()'s default
 
