@@ -39,9 +39,10 @@ linear projections, several transformer layers, dual/only cross attention, resne
 up/downsampling, attention masks, "spatial" norms, center_input_sample, output_scale_factor),
 and image sizes not divisible by 2^(levels - 1) (diffusers' forward_upsample_size path).
 
-Parameter names (layers in diffusers_layers.py) follow diffusers' state-dict names with "." between a list and its index
-replaced by "_" (down_blocks.0.resnets.1.conv1.weight -> down_blocks_0/resnets_1/conv1/kernel;
-"weight" is "kernel" for convs and dense layers, "scale" for norms), with one addition: each
+The layers live in diffusers_layers.py. Parameter names follow diffusers' state-dict names
+with "." between a list and its index replaced by "_"
+(down_blocks.0.resnets.1.conv1.weight -> down_blocks_0/resnets_1/conv1/kernel; "weight" is
+"kernel" for convs and dense layers, "scale" for norms), with one addition: each
 BasicTransformerBlock's cross-attention sublayer (norm2 + attn2) sits in a submodule
 `cross_attn`, so that `dmz_jax.model.parameter_groups` counts it as the conditioning pathway,
 as it does `class_embedding`.
