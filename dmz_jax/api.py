@@ -187,13 +187,13 @@ class Model:
 
     @functools.lru_cache(maxsize=None)
     def _decode_fn(self, steps: int, method: str, eta: float, with_x_T: bool, clip: bool):
-        learn_sigma = self.config.model.learn_sigma
+        variance = self.config.diffusion.variance
         shape = (self.batch_size, *image_shape(self.config))
 
         def fn(params, batch, rng):
             z = batch.get("z")
             return samplers.sample(self.diff, self._denoise_fn(params, z), shape, rng,
-                                   method=method, num_steps=steps, learn_sigma=learn_sigma,
+                                   method=method, num_steps=steps, variance=variance,
                                    eta=eta, clip_denoised=clip,
                                    x_T=batch["x_T"] if with_x_T else None)
         return jax.jit(fn)
@@ -231,7 +231,7 @@ class Model:
         def fn(params, batch, rng):
             del rng
             return samplers.ddim_invert(spaced, self._denoise_fn(params, batch.get("z")),
-                                        batch["x"], learn_sigma=self.config.model.learn_sigma,
+                                        batch["x"], variance=self.config.diffusion.variance,
                                         clip_denoised=self.config.sampling.clip_denoised)
         return jax.jit(fn)
 
@@ -316,7 +316,7 @@ class Model:
     def _nll_fn(self):
         def fn(params, batch, rng):
             return diffusion.nll_bpd(self.diff, self._denoise_fn(params, batch.get("z")),
-                                     batch["x"], rng, learn_sigma=self.config.model.learn_sigma)[
+                                     batch["x"], rng, variance=self.config.diffusion.variance)[
                                          "total_bpd"]
         return jax.jit(fn)
 

@@ -10,11 +10,12 @@ import ml_collections
 
 from dmz_jax.config_base import base_config
 from dmz_jax.data import specs
-from dmz_jax.diffusion import SCHEDULES
+from dmz_jax.diffusion import SCHEDULES, VARIANCES
 from dmz_jax.model import CONDITIONINGS, DTYPES
 from dmz_jax.networks.latent import BINARY_ESTIMATORS, LATENT_TYPES
 from dmz_jax.networks.layers import ATTENTION_IMPLS
 from dmz_jax.samplers import METHODS
+from dmz_jax.timestep_sampler import SAMPLERS as TIMESTEP_SAMPLERS
 
 KINDS = ("type", "choice", "range", "dataset", "downsampling", "resolution", "divisible", "mesh")
 
@@ -24,7 +25,8 @@ _CHOICES = {
     "data.wrong_size": specs.WRONG_SIZE_POLICIES, "model.latent_type": (*LATENT_TYPES, "none"),
     "model.conditioning": CONDITIONINGS, "model.binary_estimator": BINARY_ESTIMATORS,
     "model.attention_impl": ATTENTION_IMPLS, "diffusion.schedule": SCHEDULES,
-    "sampling.method": METHODS}
+    "sampling.method": METHODS, "diffusion.variance": VARIANCES,
+    "training.timestep_sampler": TIMESTEP_SAMPLERS}
 
 # key -> (test, rule shown). Counts >= 1, rates > 0, dropout and decay in [0, 1).
 _COUNT, _NON_NEGATIVE = (lambda v: v >= 1, "must be >= 1"), (lambda v: v >= 0, "must be >= 0")
@@ -37,7 +39,8 @@ _RANGES = {
         training.max_nonfinite_steps training.grad_accum_steps eval.encode_batch_size
         eval.probe_train_examples eval.probe_test_examples""".split(), _COUNT),
     **dict.fromkeys("""training.warmup_steps training.weight_decay diffusion.vlb_weight
-        model.encoder.center_examples sampling.eta""".split(), _NON_NEGATIVE),
+        model.encoder.center_examples sampling.eta diffusion.input_perturbation""".split(),
+        _NON_NEGATIVE),
     **dict.fromkeys(("training.learning_rate", "training.encoder_lr_scale"), _POSITIVE),
     **dict.fromkeys(("model.dropout", "training.ema_decay", "data.test_fraction"), _FRACTION),
     "model.channel_mult": (lambda v: v and min(v) >= 1, "must be non-empty, each >= 1"),
@@ -87,6 +90,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: Optional[int
     steps, total = c.get("sampling.steps"), c.get("diffusion.num_timesteps")
     if steps and total and not all(1 <= k <= total for k in steps):
         c.add("sampling.steps", "range", steps, f"must lie in 1..diffusion.num_timesteps={total}")
+    _check_variance(c)
     _check_devices(c, num_devices, process_count)
     if c.problems:
         raise ConfigError(c.problems)
@@ -174,6 +178,21 @@ def _check_divides(c: _Checker, key: str, widths: list[int], network: str, where
     if n is not None and n >= 1 and (bad := sorted({w for w in widths if w % n})):
         c.add(key, "divisible", n, f"does not divide the {network}'s channel widths {bad} "
               f"({where}); use a divisor of {math.gcd(*widths)}")
+
+
+def _check_variance(c: _Checker) -> None:
+    """diffusion.variance "learned_range" <=> model.learn_sigma (the network's 2C outputs)."""
+    variance, learn_sigma = c.get("diffusion.variance"), c.get("model.learn_sigma")
+    if variance not in VARIANCES or learn_sigma is None:
+        return
+    if variance == "learned_range" and not learn_sigma:
+        c.add("diffusion.variance", "choice", variance, "needs model.learn_sigma=True (the "
+              "network outputs the variance); set model.learn_sigma=True, or diffusion.variance="
+              "fixed_small or fixed_large for a network without it")
+    elif variance != "learned_range" and learn_sigma:
+        c.add("diffusion.variance", "choice", variance, "is a fixed variance, but "
+              "model.learn_sigma=True makes the network output one; set model.learn_sigma="
+              "False, or diffusion.variance=learned_range")
 
 
 def _check_devices(c: _Checker, num_devices: Optional[int], process_count: Optional[int]):

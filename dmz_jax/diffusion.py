@@ -6,8 +6,13 @@ Conventions:
   the kept steps after respacing). The network is fed `diff.model_timesteps[t]` (float32 [B]),
   the original chain's timestep, times 1000 / T_original with `rescale_timesteps` (I-DDPM's
   `_WrappedModel`).
-- `model_fn(x_t [B,H,W,C], model_t [B]) -> [B,H,W,2C]` (eps, v) with learned variance
-  ("learn_sigma"), else [B,H,W,C]; conditioning (DMZ's z) is closed over by the caller.
+- `model_fn(x_t [B,H,W,C], model_t [B]) -> [B,H,W,2C]` (eps, v) with the learned variance
+  (variance="learned_range"), else [B,H,W,C]; conditioning (DMZ's z) is closed over by the
+  caller.
+- `variance` (one of VARIANCES) is I-DDPM's ModelVarType: "learned_range" (the network's v
+  interpolates log beta~_t .. log beta_t; hybrid loss), "fixed_small" (beta~_t, the
+  posterior variance, its log clipped at t = 0) or "fixed_large" (append(beta~_1, beta_{1:}));
+  the fixed ones train with the MSE alone.
 - Log-likelihoods are in nats unless the name says "bpd" (bits per dimension).
 Schedule constants are computed in float64 numpy and stored as float32; the float64 betas are
 kept as a static (hashable) field so that respacing is exact.
@@ -26,6 +31,12 @@ import numpy as np
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 SCHEDULES = ("cosine", "linear")
+VARIANCES = ("learned_range", "fixed_small", "fixed_large")
+
+
+def _check_variance(variance: str) -> None:
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
 
 
 # --- Schedules and respacing (float64 numpy)
@@ -255,36 +266,52 @@ def predict_eps_from_x0(diff: Diffusion, x_t: jax.Array, t: jax.Array,
 
 # --- The reverse process p(x_{t-1} | x_t)
 
-def split_model_output(model_output: jax.Array, x_t: jax.Array, learn_sigma: bool):
-    """(eps [B,...,C], v [B,...,C] or None) from a model output of C or 2C channels."""
+def split_model_output(model_output: jax.Array, x_t: jax.Array, variance: str):
+    """(eps [B,...,C], v [B,...,C] or None) from a model output of C or 2C channels: 2C for
+    "learned_range", C (or 2C, the v half ignored) for a fixed variance."""
+    _check_variance(variance)
+    learned = variance == "learned_range"
     C, out_c = x_t.shape[-1], model_output.shape[-1]
-    allowed = (2 * C,) if learn_sigma else (C, 2 * C)
+    allowed = (2 * C,) if learned else (C, 2 * C)
     if out_c not in allowed:
         raise ValueError(f"model output has {out_c} channels; expected one of {allowed} "
-                         f"(learn_sigma={learn_sigma})")
-    return model_output[..., :C], (model_output[..., C:] if learn_sigma else None)
+                         f"(variance={variance!r})")
+    return model_output[..., :C], (model_output[..., C:] if learned else None)
+
+
+def fixed_variance(diff: Diffusion, t: jax.Array, x_shape: Sequence[int], variance: str):
+    """(variance, log_variance), each broadcast to x_shape [B, ...], of a fixed variance:
+    "fixed_small" beta~_t (log clipped: log beta~_1 at t = 0, where beta~_0 = 0) or
+    "fixed_large" append(beta~_1, beta_{1:})."""
+    if variance == "fixed_small":
+        var, log_var = diff.posterior_variance, diff.posterior_log_variance_clipped
+    elif variance == "fixed_large":
+        var, log_var = diff.fixed_large_variance, diff.fixed_large_log_variance
+    else:
+        raise ValueError(f"{variance!r} is not a fixed variance; use 'fixed_small' or "
+                         "'fixed_large'")
+    return (jnp.broadcast_to(extract(var, t, x_shape), x_shape),
+            jnp.broadcast_to(extract(log_var, t, x_shape), x_shape))
 
 
 def p_mean_variance(diff: Diffusion, model_output: jax.Array, x_t: jax.Array, t: jax.Array, *,
-                    learn_sigma: bool, clip_denoised: bool) -> dict:
+                    variance: str, clip_denoised: bool) -> dict:
     """p(x_{t-1} | x_t) from a model output (I-DDPM, eps prediction).
 
-    Returns dict(mean, variance, log_variance, pred_x0, eps), each [B, H, W, C].  Learned
-    variance (LEARNED_RANGE): log var = f log beta_t + (1 - f) log beta~_t, f = (v + 1) / 2.
-    Fixed (FIXED_LARGE): var = append(beta~_1, beta_{1:}).  pred_x0 is clipped to [-1, 1]
-    only when clip_denoised.
+    Returns dict(mean, variance, log_variance, pred_x0, eps), each [B, H, W, C].  variance
+    "learned_range": log var = f log beta_t + (1 - f) log beta~_t, f = (v + 1) / 2;
+    "fixed_small" / "fixed_large": `fixed_variance`.  pred_x0 is clipped to [-1, 1] only
+    when clip_denoised.
     """
-    eps, v = split_model_output(model_output, x_t, learn_sigma)
-    if learn_sigma:
+    eps, v = split_model_output(model_output, x_t, variance)
+    if variance == "learned_range":
         min_log = extract(diff.posterior_log_variance_clipped, t, x_t.shape)
         max_log = extract(diff.log_betas, t, x_t.shape)
         frac = (v + 1.0) / 2.0
         log_var = frac * max_log + (1.0 - frac) * min_log
         var = jnp.exp(log_var)
     else:
-        var = jnp.broadcast_to(extract(diff.fixed_large_variance, t, x_t.shape), x_t.shape)
-        log_var = jnp.broadcast_to(extract(diff.fixed_large_log_variance, t, x_t.shape),
-                                   x_t.shape)
+        var, log_var = fixed_variance(diff, t, x_t.shape, variance)
     pred_x0 = predict_x0_from_eps(diff, x_t, t, eps)
     if clip_denoised:
         pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
@@ -320,10 +347,10 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
                      jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-def _vb_terms(diff, model_output, x0, x_t, t, learn_sigma, clip_denoised):
+def _vb_terms(diff, model_output, x0, x_t, t, variance, clip_denoised):
     """(bits/dim [B], p_mean_variance dict) of one VLB term; see vb_terms_bpd."""
     true_mean, _, true_log_var = q_posterior_mean_variance(diff, x0, x_t, t)
-    out = p_mean_variance(diff, model_output, x_t, t, learn_sigma=learn_sigma,
+    out = p_mean_variance(diff, model_output, x_t, t, variance=variance,
                           clip_denoised=clip_denoised)
     kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"]))
     nll = -mean_flat(discretized_gaussian_log_likelihood(
@@ -332,11 +359,12 @@ def _vb_terms(diff, model_output, x0, x_t, t, learn_sigma, clip_denoised):
 
 
 def vb_terms_bpd(diff: Diffusion, model_output: jax.Array, x0: jax.Array, x_t: jax.Array,
-                 t: jax.Array, *, learn_sigma: bool = True,
+                 t: jax.Array, *, variance: str = "learned_range",
                  clip_denoised: bool = False) -> jax.Array:
     """One VLB term in bits/dim, [B]: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) averaged over
-    dimensions, or the discretised decoder NLL -log p(x0|x1) where t == 0."""
-    return _vb_terms(diff, model_output, x0, x_t, t, learn_sigma, clip_denoised)[0]
+    dimensions, or the discretised decoder NLL -log p(x0|x1) where t == 0; p's variance is
+    `variance`'s (a fixed one for "fixed_small" / "fixed_large", as I-DDPM)."""
+    return _vb_terms(diff, model_output, x0, x_t, t, variance, clip_denoised)[0]
 
 
 def prior_bpd(diff: Diffusion, x0: jax.Array) -> jax.Array:
@@ -348,37 +376,57 @@ def prior_bpd(diff: Diffusion, x0: jax.Array) -> jax.Array:
 
 # --- Training loss and full NLL
 
-def training_losses(diff: Diffusion, model_fn: ModelFn, x0: jax.Array, t: jax.Array,
-                    noise: jax.Array, *, learn_sigma: bool, vlb_weight: float = 0.001) -> dict:
-    """I-DDPM hybrid loss for x0 [B,H,W,C], t int [B], noise [B,H,W,C].
+def perturbed_x_t(diff: Diffusion, x0: jax.Array, t: jax.Array, noise: jax.Array,
+                  xi: Optional[jax.Array], gamma: float) -> jax.Array:
+    """The training input x_t [B,H,W,C]: q_sample with noise + gamma * xi (DDPM-IP's input
+    perturbation, xi ~ N(0, I) independent of noise); gamma == 0 is plain q_sample, xi unused
+    (may be None)."""
+    if not gamma:
+        return q_sample(diff, x0, t, noise)
+    if xi is None:
+        raise ValueError(f"input perturbation gamma={gamma} needs the xi draw")
+    return q_sample(diff, x0, t, noise + gamma * xi)
 
+
+def training_losses(diff: Diffusion, model_fn: ModelFn, x0: jax.Array, t: jax.Array,
+                    noise: jax.Array, *, variance: str, vlb_weight: float = 0.001,
+                    input_perturbation: float = 0.0, xi: Optional[jax.Array] = None) -> dict:
+    """I-DDPM hybrid (variance "learned_range") or MSE (a fixed variance) loss for x0
+    [B,H,W,C], t int [B], noise [B,H,W,C].
+
+    The network sees x_t = `perturbed_x_t` (plain q_sample unless input_perturbation, DDPM-IP's
+    gamma, is > 0; then xi [B,H,W,C] ~ N(0, I) is needed); the target stays `noise`.
     `model_fn(x_t, model_t)` is called once with model_t = diff.model_timesteps[t] (float32
-    [B], the original-chain timestep), and must return [B,H,W,2C] when learn_sigma else
+    [B], the original-chain timestep), and must return [B,H,W,2C] for "learned_range", else
     [B,H,W,C].  Returns dict of [B] arrays:
       mse  = mean over dims of (noise - eps_hat)^2;
-      vb   = vb_terms_bpd in bits/dim with the eps part stop-gradiented (so it trains only the
-             variance); zeros when not learn_sigma;
+      vb   = vb_terms_bpd in bits/dim (true posterior q(x_{t-1} | x_t, x0) at this x_t) with
+             the eps part stop-gradiented (so it trains only the variance); zeros for a fixed
+             variance;
       loss = mse + vlb_weight * num_timesteps * vb  (I-DDPM RESCALED_MSE: vb * T / 1000).
     """
-    x_t = q_sample(diff, x0, t, noise)
+    _check_variance(variance)
+    x_t = perturbed_x_t(diff, x0, t, noise, xi, input_perturbation)
     output = model_fn(x_t, diff.model_timesteps[t])
-    eps, v = split_model_output(output, x_t, learn_sigma)
+    eps, v = split_model_output(output, x_t, variance)
     mse = mean_flat((noise - eps) ** 2)
-    if not learn_sigma:
+    if variance != "learned_range":
         return dict(loss=mse, mse=mse, vb=jnp.zeros_like(mse))
     frozen = jnp.concatenate([jax.lax.stop_gradient(eps), v], axis=-1)
-    vb = vb_terms_bpd(diff, frozen, x0, x_t, t, learn_sigma=True, clip_denoised=False)
+    vb = vb_terms_bpd(diff, frozen, x0, x_t, t, variance=variance, clip_denoised=False)
     return dict(loss=mse + vlb_weight * diff.num_timesteps * vb, mse=mse, vb=vb)
 
 
 def nll_bpd(diff: Diffusion, model_fn: ModelFn, x0: jax.Array, rng: jax.Array, *,
-            learn_sigma: bool, clip_denoised: bool = True) -> dict:
+            variance: str, clip_denoised: bool = True) -> dict:
     """Full variational bound in bits/dim (I-DDPM calc_bpd_loop), one lax.scan over all t.
 
     Returns dict: total_bpd [B] = sum_t vb + prior_bpd; prior_bpd [B]; vb [B, T];
     xstart_mse [B, T]; mse [B, T] (eps error).  Column t of the [B, T] arrays is chain step t
-    (ascending; I-DDPM stacks them in descending t).  One fresh noise draw per t.
+    (ascending; I-DDPM stacks them in descending t).  One fresh noise draw per t.  With a
+    fixed `variance` the terms use it (I-DDPM).
     """
+    _check_variance(variance)
     B = x0.shape[0]
 
     def step(_, xs):
@@ -387,7 +435,7 @@ def nll_bpd(diff: Diffusion, model_fn: ModelFn, x0: jax.Array, rng: jax.Array, *
         noise = jax.random.normal(key, x0.shape, x0.dtype)
         x_t = q_sample(diff, x0, t, noise)
         output = model_fn(x_t, diff.model_timesteps[t])
-        vb, out = _vb_terms(diff, output, x0, x_t, t, learn_sigma, clip_denoised)
+        vb, out = _vb_terms(diff, output, x0, x_t, t, variance, clip_denoised)
         eps = predict_eps_from_x0(diff, x_t, t, out["pred_x0"])
         return None, (vb, mean_flat((out["pred_x0"] - x0) ** 2), mean_flat((eps - noise) ** 2))
 

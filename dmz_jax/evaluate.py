@@ -37,7 +37,7 @@ def make_sample_fn(config, model: DMZ, diff: diffusion.Diffusion, num_steps: int
             return model.apply({"params": params}, x_t, model_t, z, method=DMZ.denoise)
 
         return samplers.sample(diff, model_fn, shape, x_rng, method=config.sampling.method,
-                               num_steps=num_steps, learn_sigma=config.model.learn_sigma,
+                               num_steps=num_steps, variance=config.diffusion.variance,
                                eta=config.sampling.eta,
                                clip_denoised=config.sampling.clip_denoised)
 

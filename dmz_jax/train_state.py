@@ -1,12 +1,14 @@
 """The train state, its creation, the optimizer, EMA and the jitted train step.
 
 The state is one pytree of arrays (params, EMA params, optimizer state, step, rng, the
-non-finite counters), so checkpoints, shardings and donation treat it as a whole.
+non-finite counters, the timestep sampler's state), so checkpoints, shardings and donation
+treat it as a whole.
 """
 
 
+import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.struct
 import jax
@@ -15,12 +17,12 @@ import ml_collections
 import optax
 from clu import metrics as clu_metrics
 
-from dmz_jax import diffusion, sharding
+from dmz_jax import diffusion, sharding, timestep_sampler
 from dmz_jax.model import DMZ, image_shape, init_params
 from dmz_jax.networks.latent import Encoding
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainState:
     """Everything a run depends on.
 
@@ -28,6 +30,12 @@ class TrainState:
     of step s is fold_in(rng, s), so a resumed run draws the same randomness.
     nonfinite_streak: int32, consecutive steps whose loss or gradient was not finite (their
     updates were skipped); skipped_steps: int32, all such steps so far.
+    t_sampler: the timestep sampler's state (`dmz_jax.timestep_sampler`): None for
+    "uniform", else its loss history.
+
+    A pytree whose OPTIONAL_FIELDS are left out while they are None (not even an empty
+    node), so a state without them has the tree, and restores the checkpoints, of the code
+    before they existed (orbax refuses a target with a node its checkpoint lacks).
     """
 
     step: jax.Array
@@ -37,6 +45,22 @@ class TrainState:
     rng: jax.Array
     nonfinite_streak: jax.Array
     skipped_steps: jax.Array
+    t_sampler: Optional[Any] = None
+
+    OPTIONAL_FIELDS = ("t_sampler",)  # a class attribute, not a field (no annotation)
+
+    def replace(self, **updates) -> "TrainState":
+        return dataclasses.replace(self, **updates)
+
+
+def _flatten_state(state: TrainState):
+    names = tuple(f.name for f in dataclasses.fields(state)
+                  if not (f.name in TrainState.OPTIONAL_FIELDS and getattr(state, f.name) is None))
+    return [(jax.tree_util.GetAttrKey(n), getattr(state, n)) for n in names], names
+
+
+jax.tree_util.register_pytree_with_keys(
+    TrainState, _flatten_state, lambda names, children: TrainState(**dict(zip(names, children))))
 
 
 @flax.struct.dataclass
@@ -86,7 +110,9 @@ def create_train_state(config, model: DMZ, tx: optax.GradientTransformation) -> 
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, ema_params=jax.tree.map(jnp.copy, params),
                       opt_state=tx.init(params), rng=run_rng, nonfinite_streak=zero,
-                      skipped_steps=zero)
+                      skipped_steps=zero,
+                      t_sampler=timestep_sampler.init(config.training.timestep_sampler,
+                                                      config.diffusion.num_timesteps))
 
 
 def center_encoder_logits(model: DMZ, params, images: jax.Array):
@@ -117,9 +143,39 @@ def _draw_t_noise(rngs: dict, x0: jax.Array, num_timesteps: int):
     return t, noise
 
 
-def _loss_fn(params, x0, t, noise, rngs: dict, *, model: DMZ, diff, config):
-    """Hybrid loss of images x0 [B, H, W, C] at timesteps t [B] with noise [B, H, W, C]
-    -> (loss, {loss, mse, vb, z_mean}: float32 means over the batch)."""
+def draw_inputs(rngs: dict, x0: jax.Array, num_timesteps: int, config,
+                sampler_state=None) -> dict:
+    """The per-example draws of a global batch x0 [B, H, W, C], once per batch (so they do not
+    depend on grad_accum_steps): {"t": int32 [B], "noise": [B, H, W, C]}, plus "weights"
+    (float32 [B], 1 / (T p_t)) with a loss-aware timestep sampler and "xi" ([B, H, W, C],
+    DDPM-IP's perturbation, from rngs["xi"]) when diffusion.input_perturbation > 0.
+    The uniform sampler without perturbation draws exactly what `_draw_t_noise` does.
+    """
+    if config.training.timestep_sampler == "uniform":
+        t, noise = _draw_t_noise(rngs, x0, num_timesteps)
+        draws = {"t": t, "noise": noise}
+    else:
+        t, weights = timestep_sampler.sample(sampler_state, rngs["t"], x0.shape[0],
+                                             num_timesteps)
+        draws = {"t": t, "noise": jax.random.normal(rngs["noise"], x0.shape, x0.dtype),
+                 "weights": weights}
+    if config.diffusion.input_perturbation:
+        draws["xi"] = jax.random.normal(rngs["xi"], x0.shape, x0.dtype)
+    return draws
+
+
+def _loss_fn(params, x0, t, noise, rngs: dict, weights: Optional[jax.Array] = None,
+             xi: Optional[jax.Array] = None, *, model: DMZ, diff, config):
+    """Training loss of images x0 [B, H, W, C] at timesteps t [B] with noise [B, H, W, C]
+    (hybrid or MSE, diffusion.variance; DDPM-IP's perturbation xi [B, H, W, C] when
+    diffusion.input_perturbation > 0) -> (loss, {loss, mse, vb, z_mean}: float32 means over
+    the batch).
+
+    weights [B] (a loss-aware timestep sampler's 1 / (T p_t)): the loss differentiated and
+    the loss, mse and vb returned are the means of the weighted per-example terms (the
+    importance-sampled estimate of the uniform-t objective), and aux also holds
+    "example_loss" [B], the unweighted per-example loss (the sampler's history records it).
+    """
     variables = {"params": params}
     z = None
     if model.uses_latent:
@@ -131,9 +187,15 @@ def _loss_fn(params, x0, t, noise, rngs: dict, *, model: DMZ, diff, config):
                            rngs={"dropout": rngs["dropout"]})
 
     terms = diffusion.training_losses(diff, model_fn, x0, t, noise,
-                                      learn_sigma=config.model.learn_sigma,
-                                      vlb_weight=config.diffusion.vlb_weight)
-    aux = {k: jnp.mean(v) for k, v in terms.items()}
+                                      variance=config.diffusion.variance,
+                                      vlb_weight=config.diffusion.vlb_weight,
+                                      input_perturbation=config.diffusion.input_perturbation,
+                                      xi=xi)
+    if weights is None:
+        aux = {k: jnp.mean(v) for k, v in terms.items()}
+    else:
+        aux = {k: jnp.mean(v * weights) for k, v in terms.items()}
+        aux["example_loss"] = jax.lax.stop_gradient(terms["loss"])
     aux["z_mean"] = jnp.mean(z) if z is not None else jnp.zeros(())
     return aux["loss"], aux
 
@@ -147,31 +209,53 @@ def _microbatches(x: jax.Array, steps: int) -> jax.Array:
     return jnp.swapaxes(x.reshape(x.shape[0] // steps, steps, *x.shape[1:]), 0, 1)
 
 
-def mean_grads(loss_fn: Callable, params, x0: jax.Array, rngs: dict, num_timesteps: int,
+def _unmicrobatch(x: jax.Array) -> jax.Array:
+    """The inverse of `_microbatches`: [steps, B / steps, ...] -> [B, ...] in batch order."""
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def mean_grads(loss_fn: Callable, params, x0: jax.Array, rngs: dict, draws: dict,
                steps: int = 1):
     """(gradient, aux) of the batch-mean loss, over `steps` microbatches of B / steps images.
 
-    loss_fn(params, x0, t, noise, rngs) -> (loss, aux of scalar means). t and noise are drawn
-    once for the whole batch [B, ...], so they do not depend on `steps`; with steps > 1 the
-    dropout and latent keys are folded with the microbatch index. Gradients and aux are
-    summed in float32 over a lax.scan and divided by `steps`: the same mean as steps = 1
-    (equal microbatches), with the activations of one microbatch alive at a time.
+    loss_fn(params, x0, t, noise, rngs, weights, xi) -> (loss, aux): aux of scalar means,
+    and optionally "example_loss" [b]. draws: the batch's per-example inputs from
+    `draw_inputs` ({t, noise} and maybe {weights, xi}, [B, ...] each), drawn once for the
+    whole batch, so they do not depend on `steps`; with steps > 1 the dropout and latent
+    keys are folded with the microbatch index. Gradients and scalar aux are summed in
+    float32 over a lax.scan and divided by `steps`: the same mean as steps = 1 (equal
+    microbatches), with the activations of one microbatch alive at a time; "example_loss"
+    comes back [B] in batch order.
     """
-    t, noise = _draw_t_noise(rngs, x0, num_timesteps)
     grad_fn = jax.grad(loss_fn, has_aux=True)
+    names = ("t", "noise", "weights", "xi")
+
+    def call(x, d, keys):
+        return grad_fn(params, x, *(d.get(n) for n in names[:2]), keys,
+                       *(d.get(n) for n in names[2:]))
+
     if steps == 1:
-        return grad_fn(params, x0, t, noise, rngs)
-    xs = (jnp.arange(steps), *(_microbatches(a, steps) for a in (x0, t, noise)))
+        return call(x0, draws, rngs)
+    xs = (jnp.arange(steps), _microbatches(x0, steps),
+          {k: _microbatches(v, steps) for k, v in draws.items()})
+
+    def split(out):  # (summed part, per-example part)
+        grads, aux = out
+        per_example = {k: aux.pop(k) for k in [k for k, v in aux.items() if v.ndim]}
+        return (grads, aux), per_example
 
     def body(total, inputs):
-        j, x, tj, nj = inputs
+        j, x, d = inputs
         keys = {k: jax.random.fold_in(key, j) for k, key in rngs.items()}
-        return jax.tree.map(jnp.add, total, grad_fn(params, x, tj, nj, keys)), None
+        summed, per_example = split(call(x, d, keys))
+        return jax.tree.map(jnp.add, total, summed), per_example
 
+    first = jax.tree.map(lambda a: a[0], xs)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(grad_fn, params, xs[1][0], xs[2][0], xs[3][0], rngs))
-    total, _ = jax.lax.scan(body, zeros, xs)
-    return jax.tree.map(lambda v: v / steps, total)
+                         split(jax.eval_shape(call, first[1], first[2], rngs))[0])
+    (grads, aux), per_example = jax.lax.scan(body, zeros, xs)
+    grads, aux = jax.tree.map(lambda v: v / steps, (grads, aux))
+    return grads, {**aux, **{k: _unmicrobatch(v) for k, v in per_example.items()}}
 
 
 def train_step(state: TrainState, batch: dict, *, model: DMZ, diff: diffusion.Diffusion,
@@ -181,13 +265,20 @@ def train_step(state: TrainState, batch: dict, *, model: DMZ, diff: diffusion.Di
 
     Returns (state, {"metrics": TrainMetrics of this step, "nonfinite_streak",
     "skipped_steps"}). A step whose loss or gradient norm is not finite changes nothing but
-    the step counter and the non-finite counters.
+    the step counter and the non-finite counters (the timestep sampler's history included).
+    With training.timestep_sampler="loss_second_moment" the metrics' loss, mse and vb are
+    the importance-weighted batch means (what is differentiated), and the history records
+    the unweighted per-example losses.
     """
-    keys = jax.random.split(jax.random.fold_in(state.rng, state.step), 4)
-    rngs = dict(zip(("t", "noise", "dropout", "latent"), keys))
+    step_key = jax.random.fold_in(state.rng, state.step)
+    rngs = dict(zip(("t", "noise", "dropout", "latent"), jax.random.split(step_key, 4)))
+    if config.diffusion.input_perturbation:  # only then: the other keys stay as they were
+        rngs["xi"] = jax.random.fold_in(step_key, 4)  # the step's fifth key
+    draws = draw_inputs(rngs, batch["image"], diff.num_timesteps, config, state.t_sampler)
     loss_fn = functools.partial(_loss_fn, model=model, diff=diff, config=config)
-    grads, out = mean_grads(loss_fn, state.params, batch["image"], rngs, diff.num_timesteps,
+    grads, out = mean_grads(loss_fn, state.params, batch["image"], rngs, draws,
                             config.training.grad_accum_steps)
+    example_loss = out.pop("example_loss", None)
     out["grad_norm"] = optax.tree.norm(grads)
     out["encoder_grad_norm"] = optax.tree.norm(grads.get("encoder", {}))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -197,12 +288,16 @@ def train_step(state: TrainState, batch: dict, *, model: DMZ, diff: diffusion.Di
                               state.ema_params, params)
     finite = jnp.isfinite(out["loss"]) & jnp.isfinite(out["grad_norm"])
     keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    t_sampler = state.t_sampler
+    if example_loss is not None:
+        t_sampler = keep_if_finite(
+            timestep_sampler.update(state.t_sampler, draws["t"], example_loss), t_sampler)
     new_state = state.replace(
         step=state.step + 1, params=keep_if_finite(params, state.params),
         ema_params=keep_if_finite(ema_params, state.ema_params),
         opt_state=keep_if_finite(opt_state, state.opt_state),
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32), t_sampler=t_sampler)
     step_metrics = TrainMetrics.single_from_model_output(  # [1]: the mask's shape
         **{k: v[None] for k, v in out.items()}, mask=finite[None])
     return new_state, {"metrics": step_metrics, "nonfinite_streak": new_state.nonfinite_streak,

@@ -213,10 +213,10 @@ def test_learned_range_variance_endpoints(cos20):
     eps = jnp.zeros_like(x)
     for v, want in [(1.0, b[[0, 4, 19]]), (-1.0, [pv[0], pv[3], pv[18]])]:
         out = d.p_mean_variance(cos20, jnp.concatenate([eps, jnp.full_like(x, v)], -1), x, t,
-                                learn_sigma=True, clip_denoised=False)
+                                variance="learned_range", clip_denoised=False)
         np.testing.assert_allclose(np.asarray(out["variance"])[:, 0, 0, 0], want, rtol=1e-5)
     out = d.p_mean_variance(cos20, jnp.concatenate([eps, jnp.zeros_like(x)], -1), x, t,
-                            learn_sigma=True, clip_denoised=False)
+                            variance="learned_range", clip_denoised=False)
     np.testing.assert_allclose(np.asarray(out["log_variance"])[:, 0, 0, 0],
                                0.5 * np.log(b[[0, 4, 19]]) + 0.5 * np.log([pv[0], pv[3], pv[18]]),
                                rtol=1e-5)
@@ -227,7 +227,7 @@ def test_fixed_large_variance(cos20):
     abar = np.cumprod(1 - b)
     pv1 = b[1] * (1 - abar[0]) / (1 - abar[1])
     x = jnp.zeros((3, 2, 2, 1))
-    out = d.p_mean_variance(cos20, x, x, jnp.array([0, 1, 9]), learn_sigma=False,
+    out = d.p_mean_variance(cos20, x, x, jnp.array([0, 1, 9]), variance="fixed_large",
                             clip_denoised=True)
     assert out["variance"].shape == x.shape
     np.testing.assert_allclose(np.asarray(out["variance"])[:, 0, 0, 0], [pv1, b[1], b[9]],
@@ -236,12 +236,131 @@ def test_fixed_large_variance(cos20):
                                np.log([pv1, b[1], b[9]]), rtol=1e-5)
 
 
+def test_fixed_small_variance(cos20):
+    """fixed_small: beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) (0 at t = 0), its log
+    clipped to log beta~_1 at t = 0."""
+    b = d.cosine_betas(20)
+    abar = np.cumprod(1 - b)
+    abar_prev = np.append(1.0, abar[:-1])
+    pv = b * (1 - abar_prev) / (1 - abar)
+    t = [0, 1, 9, 19]
+    x = jnp.zeros((4, 2, 2, 1))
+    out = d.p_mean_variance(cos20, x, x, jnp.array(t), variance="fixed_small",
+                            clip_denoised=False)
+    assert out["variance"].shape == x.shape
+    np.testing.assert_allclose(np.asarray(out["variance"])[:, 0, 0, 0], pv[t], rtol=1e-5,
+                               atol=1e-12)
+    assert float(out["variance"][0, 0, 0, 0]) == 0.0
+    np.testing.assert_allclose(np.asarray(out["log_variance"])[:, 0, 0, 0],
+                               np.log([pv[1], pv[1], pv[9], pv[19]]), rtol=1e-5)
+    large = d.p_mean_variance(cos20, x, x, jnp.array(t), variance="fixed_large",
+                              clip_denoised=False)
+    np.testing.assert_allclose(large["mean"], out["mean"])  # only the variance differs
+    assert np.all(np.asarray(large["variance"])[1:] > np.asarray(out["variance"])[1:])
+
+
+def test_fixed_variance_vb_terms_use_the_fixed_variance(cos20):
+    """With the exact eps, the posterior means agree, so each KL term (t > 0) is that of two
+    Gaussians of the same mean: 0 for fixed_small (beta~_t), and
+    0.5 (log(s_L / s_S) + s_S / s_L - 1) nats for fixed_large (s_L = beta_t, t >= 1)."""
+    b = d.cosine_betas(20)
+    abar = np.cumprod(1 - b)
+    pv = b[1:] * (1 - abar[:-1]) / (1 - abar[1:])  # beta~_t for t >= 1
+    t = np.array([1, 5, 10])
+    x0 = jax.random.uniform(jax.random.PRNGKey(0), (3, 2, 2, 1), minval=-1, maxval=1)
+    noise = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+
+    @jax.jit
+    def both(t):
+        xt = d.q_sample(cos20, x0, t, noise)
+        return [d.vb_terms_bpd(cos20, noise, x0, xt, t, variance=v)
+                for v in ("fixed_small", "fixed_large")]
+
+    small, large = both(jnp.asarray(t))
+    np.testing.assert_allclose(small, 0.0, atol=1e-4)
+    ratio = pv[t - 1] / b[t]
+    want = 0.5 * (-np.log(ratio) + ratio - 1) / LN2
+    np.testing.assert_allclose(large, want, rtol=1e-3)
+    assert np.all(want > 1e-3)
+
+
+def test_input_perturbation_x_t_by_hand(cos20):
+    """DDPM-IP: x_t = sqrt(abar) x0 + sqrt(1 - abar) (eps + gamma xi); the target stays eps
+    (an exact eps gives mse 0); the vb term is the true posterior's at the perturbed x_t."""
+    x0 = jnp.array([0.5, -0.25, 1.0, -1.0]).reshape(2, 1, 2, 1)
+    noise = jnp.array([1.0, -2.0, 0.5, 0.0]).reshape(x0.shape)
+    xi = jnp.array([2.0, 1.0, -1.0, 3.0]).reshape(x0.shape)
+    t = jnp.array([3, 12])
+    abar = np.cumprod(1 - d.cosine_betas(20))[[3, 12]][:, None, None, None]
+    want = (np.sqrt(abar) * np.asarray(x0, np.float64)
+            + np.sqrt(1 - abar) * (np.asarray(noise, np.float64) + 0.15 * np.asarray(xi)))
+    # gamma 0: plain q_sample, bit for bit, and xi is not needed
+    np.testing.assert_array_equal(d.perturbed_x_t(cos20, x0, t, noise, None, 0.0),
+                                  d.q_sample(cos20, x0, t, noise))
+    with pytest.raises(ValueError, match="xi"):
+        d.perturbed_x_t(cos20, x0, t, noise, None, 0.15)
+
+    @partial(jax.jit, static_argnums=0)
+    def run(gamma):
+        seen = {}
+
+        def model(x_t, model_t):
+            seen["x_t"] = x_t
+            return jnp.concatenate([noise, jnp.full_like(x_t, 0.3)], -1)  # exact eps, v = 0.3
+
+        losses = d.training_losses(cos20, model, x0, t, noise, variance="learned_range",
+                                   input_perturbation=gamma, xi=xi)
+        return d.perturbed_x_t(cos20, x0, t, noise, xi, gamma), seen["x_t"], losses
+
+    x_t, seen_x_t, losses = run(0.15)
+    np.testing.assert_allclose(x_t, want, rtol=1e-6)
+    np.testing.assert_allclose(seen_x_t, want, rtol=1e-6)
+    np.testing.assert_array_equal(losses["mse"], 0.0)
+    want_vb = _independent_vb(np.asarray(x0, np.float64), want, np.asarray(t),
+                              np.asarray(noise, np.float64), np.full(want.shape, 0.3))
+    np.testing.assert_allclose(losses["vb"], want_vb, rtol=2e-3, atol=1e-4)
+    assert not np.allclose(run(0.0)[2]["vb"], losses["vb"], rtol=1e-2)
+
+
+def test_unknown_variance_is_refused(cos20):
+    x = jnp.zeros((1, 2, 2, 1))
+    for call in (lambda: d.p_mean_variance(cos20, x, x, jnp.array([1]), variance="learned",
+                                           clip_denoised=True),
+                 lambda: d.training_losses(cos20, lambda a, b: a, x, jnp.array([1]), x,
+                                           variance="fixed")):
+        with pytest.raises(ValueError, match="fixed_small"):
+            call()
+
+
+def test_config_check_variance_needs_matching_learn_sigma():
+    from configs import fashion_mnist
+    from dmz_jax.config_checks import ConfigError, check_config
+    config = fashion_mnist.get_config("tiny")
+    for variance, learn_sigma, says in [("learned_range", False, "set model.learn_sigma=True"),
+                                        ("fixed_small", True, "set model.learn_sigma=False")]:
+        config.diffusion.variance, config.model.learn_sigma = variance, learn_sigma
+        with pytest.raises(ConfigError) as info:
+            check_config(config, num_devices=1, process_count=1)
+        assert [(p.key, p.kind) for p in info.value.problems] == [
+            ("diffusion.variance", "choice")]
+        assert says in info.value.problems[0].message
+    for variance in ("fixed_small", "fixed_large"):
+        config.diffusion.variance, config.model.learn_sigma = variance, False
+        check_config(config, num_devices=1, process_count=1)
+    config.diffusion.variance = "bogus"
+    with pytest.raises(ConfigError, match="use one of"):
+        check_config(config, num_devices=1, process_count=1)
+    config.diffusion.variance, config.diffusion.input_perturbation = "fixed_large", -0.1
+    with pytest.raises(ConfigError, match="diffusion.input_perturbation=-0.1: must be >= 0"):
+        check_config(config, num_devices=1, process_count=1)
+
+
 def test_clip_denoised_only_when_asked(cos20):
     x = jnp.full((1, 1, 1, 1), 3.0)
     eps = jnp.zeros_like(x)
     t = jnp.array([5])
-    raw = d.p_mean_variance(cos20, eps, x, t, learn_sigma=False, clip_denoised=False)
-    clipped = d.p_mean_variance(cos20, eps, x, t, learn_sigma=False, clip_denoised=True)
+    raw = d.p_mean_variance(cos20, eps, x, t, variance="fixed_large", clip_denoised=False)
+    clipped = d.p_mean_variance(cos20, eps, x, t, variance="fixed_large", clip_denoised=True)
     abar = np.cumprod(1 - d.cosine_betas(20))[5]
     assert float(raw["pred_x0"][0, 0, 0, 0]) == pytest.approx(3.0 / math.sqrt(abar), rel=1e-5)
     assert float(clipped["pred_x0"][0, 0, 0, 0]) == 1.0
@@ -252,9 +371,9 @@ def test_clip_denoised_only_when_asked(cos20):
 def test_output_channel_checks(cos20):
     x = jnp.zeros((1, 2, 2, 3))
     with pytest.raises(ValueError):
-        d.p_mean_variance(cos20, x, x, jnp.array([1]), learn_sigma=True, clip_denoised=True)
+        d.p_mean_variance(cos20, x, x, jnp.array([1]), variance="learned_range", clip_denoised=True)
     with pytest.raises(ValueError):
-        d.p_mean_variance(cos20, jnp.zeros((1, 2, 2, 4)), x, jnp.array([1]), learn_sigma=False,
+        d.p_mean_variance(cos20, jnp.zeros((1, 2, 2, 4)), x, jnp.array([1]), variance="fixed_large",
                           clip_denoised=True)
 
 
@@ -345,23 +464,23 @@ def _fixed_output_model(output):
     return lambda x_t, model_t: output
 
 
-@partial(jax.jit, static_argnames="learn_sigma")
-def _losses(diff, output, x0, t, noise, learn_sigma):
+@partial(jax.jit, static_argnames=("variance", "gamma"))
+def _losses(diff, output, x0, t, noise, variance, gamma=0.0, xi=None):
     """training_losses for a model that returns the fixed `output` (jitted: fast tests)."""
     return d.training_losses(diff, _fixed_output_model(output), x0, t, noise,
-                             learn_sigma=learn_sigma)
+                             variance=variance, input_perturbation=gamma, xi=xi)
 
 
 def test_training_losses_true_noise_gives_zero_mse(cos20):
     x0 = jax.random.uniform(jax.random.PRNGKey(0), (3, 4, 4, 2), minval=-1, maxval=1)
     noise = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
     t = jnp.array([0, 6, 19])
-    for learn_sigma, out in [(False, noise),
-                             (True, jnp.concatenate([noise, jnp.zeros_like(noise)], -1))]:
-        losses = _losses(cos20, out, x0, t, noise, learn_sigma=learn_sigma)
+    for variance, out in [("fixed_large", noise), ("fixed_small", noise),
+                          ("learned_range", jnp.concatenate([noise, jnp.zeros_like(noise)], -1))]:
+        losses = _losses(cos20, out, x0, t, noise, variance=variance)
         np.testing.assert_allclose(losses["mse"], 0.0, atol=1e-12)
         assert losses["loss"].shape == (3,)
-    plain = _losses(cos20, noise * 0.5, x0, t, noise, learn_sigma=False)
+    plain = _losses(cos20, noise * 0.5, x0, t, noise, variance="fixed_large")
     np.testing.assert_allclose(plain["mse"], np.mean(np.asarray(noise * 0.5) ** 2,
                                                      axis=(1, 2, 3)), rtol=1e-5)
     np.testing.assert_array_equal(plain["vb"], 0.0)
@@ -377,7 +496,7 @@ def test_training_losses_model_sees_original_timesteps(cos1000):
         return jnp.zeros_like(x_t)
 
     x0 = jnp.zeros((2, 2, 2, 1))
-    d.training_losses(r, model, x0, jnp.array([3, 9]), x0, learn_sigma=False)
+    d.training_losses(r, model, x0, jnp.array([3, 9]), x0, variance="fixed_large")
     np.testing.assert_array_equal(np.asarray(seen["t"]), [333.0, 999.0])
 
 
@@ -391,7 +510,7 @@ def test_vb_matches_independent_computation(cos20):
     t = np.array([0, 1, 8, 19])
     out = jnp.concatenate([jnp.asarray(eps), jnp.asarray(v)], -1)
     losses = _losses(cos20, out, jnp.asarray(x0), jnp.asarray(t), jnp.asarray(noise),
-                     learn_sigma=True)
+                     variance="learned_range")
     xt = np.asarray(d.q_sample(cos20, jnp.asarray(x0), jnp.asarray(t), jnp.asarray(noise)),
                     np.float64)
     want = _independent_vb(x0.astype(np.float64), xt, t, eps.astype(np.float64),
@@ -413,9 +532,9 @@ def test_vb_at_t0_is_decoder_nll(cos20):
     eps = noise * 0.8
     v = jnp.full_like(x0, 0.4)
     t = jnp.array([0])
-    losses = _losses(cos20, jnp.concatenate([eps, v], -1), x0, t, noise, learn_sigma=True)
+    losses = _losses(cos20, jnp.concatenate([eps, v], -1), x0, t, noise, variance="learned_range")
     xt = d.q_sample(cos20, x0, t, noise)
-    out = d.p_mean_variance(cos20, jnp.concatenate([eps, v], -1), xt, t, learn_sigma=True,
+    out = d.p_mean_variance(cos20, jnp.concatenate([eps, v], -1), xt, t, variance="learned_range",
                             clip_denoised=False)
     # At t = 0 the posterior mean is pred_x0 itself (coef1 = 1, coef2 = 0).
     np.testing.assert_allclose(out["mean"], out["pred_x0"], atol=1e-6)
@@ -432,7 +551,7 @@ def test_vb_gradient_only_trains_variance(cos20):
 
     def term(params, name):
         out = jnp.concatenate([params["eps"], params["v"]], -1)
-        return _losses(cos20, out, x0, t, noise, learn_sigma=True)[name].sum()
+        return _losses(cos20, out, x0, t, noise, variance="learned_range")[name].sum()
 
     params = {"eps": eps0, "v": v0}
     g_vb = jax.jit(jax.grad(term), static_argnums=1)(params, "vb")
@@ -457,7 +576,7 @@ def test_training_losses_jit(cos20):
         return jnp.concatenate([x_t * 0.1, jnp.zeros_like(x_t) + model_t[:, None, None, None]
                                 / 20], -1)
 
-    f = jax.jit(lambda df, t: d.training_losses(df, model, x0, t, noise, learn_sigma=True))
+    f = jax.jit(lambda df, t: d.training_losses(df, model, x0, t, noise, variance="learned_range"))
     t = np.array([2, 11])
     out = f(cos20, jnp.asarray(t))
     xt = np.asarray(d.q_sample(cos20, x0, jnp.asarray(t), noise), np.float64)
@@ -497,7 +616,7 @@ def test_nll_bpd_with_oracle_model(cos20):
         eps = (x_t - jnp.sqrt(a) * c) / jnp.sqrt(1 - a)
         return jnp.concatenate([eps, -jnp.ones_like(x_t)], -1)
 
-    res = jax.jit(lambda k: d.nll_bpd(cos20, oracle, c, k, learn_sigma=True))(
+    res = jax.jit(lambda k: d.nll_bpd(cos20, oracle, c, k, variance="learned_range"))(
         jax.random.PRNGKey(0))
     assert res["vb"].shape == (1, 20) and res["mse"].shape == (1, 20)
     np.testing.assert_allclose(np.asarray(res["vb"][0, 1:]), 0.0, atol=2e-4)
