@@ -32,7 +32,7 @@ from etils import epath
 
 from dmz_jax import checkpointing, diffusion, samplers, sharding
 from dmz_jax.config_base import base_config
-from dmz_jax.model import DMZ, create_model, image_shape
+from dmz_jax.model import DMZ, create_model, image_shape, variables
 from dmz_jax.networks import latent as latent_lib
 from dmz_jax.train_state import create_train_state, make_diffusion, make_optimizer
 
@@ -104,25 +104,32 @@ def load(workdir: str, *, checkpoint: Optional[int] = None,
             state=ocp.args.StandardRestore(abstract))).state
     logging.info("Loaded %s step %d (%s parameters)", workdir, step, "EMA" if ema else "raw")
     params = state.ema_params if ema else state.params
-    return Model(config, model, make_diffusion(config), params, step, workdir, mesh)
+    return Model(config, model, make_diffusion(config), params, step, workdir, mesh,
+                 batch_stats=state.batch_stats)
 
 
 class Model:
-    """A DMZ with its parameters: encode, decode, invert, sample, interpolate, NLL."""
+    """A DMZ with its parameters: encode, decode, invert, sample, interpolate, NLL.
+
+    batch_stats: the encoder's BatchNorm running statistics (model.encoder.type conv_bn),
+    used with the raw and the EMA parameters alike; None without BatchNorm.
+    """
 
     def __init__(self, config, model: DMZ, diff: diffusion.Diffusion, params, step: int,
-                 workdir: Optional[str], mesh):
+                 workdir: Optional[str], mesh, batch_stats=None):
         self.config, self.model, self.diff, self.params = config, model, diff, params
+        self.batch_stats = batch_stats
         self.step, self.workdir, self.mesh = step, workdir, mesh
         self.batch_size = config.sampling.batch_size
         if self.batch_size % mesh.size:
             raise ValueError(f"sampling.batch_size={self.batch_size} is not divisible by the "
                              f"{mesh.size} devices")
 
-    def with_params(self, params) -> "Model":
-        """The same model with other parameters (e.g. an untrained encoder)."""
+    def with_params(self, params, batch_stats=None) -> "Model":
+        """The same model with other parameters (e.g. an untrained encoder) and, for an
+        encoder with BatchNorm, their statistics (None: this model's)."""
         return Model(self.config, self.model, self.diff, params, self.step, self.workdir,
-                     self.mesh)
+                     self.mesh, self.batch_stats if batch_stats is None else batch_stats)
 
     @property
     def latent_dim(self) -> int:
@@ -162,7 +169,8 @@ class Model:
     def _encode_probs(self):
         def fn(params, batch, rng):
             del rng
-            logits = self.model.apply({"params": params}, batch["x"], method=DMZ.encode_logits)
+            logits = self.model.apply(variables(params, self.batch_stats), batch["x"],
+                                      method=DMZ.encode_logits)
             if self.model.latent_type == "binary":
                 return jax.nn.sigmoid(logits)
             return logits
@@ -173,10 +181,20 @@ class Model:
         self._needs_latent()
         return self._map(self._encode_probs, {"x": images})
 
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        """[N, H, W, C] -> z [N, |z|]: exact bits 1[p > 0.5] (the Gaussian latent: real)."""
+    def encode(self, images: np.ndarray, seed: Optional[int] = None) -> np.ndarray:
+        """[N, H, W, C] -> z [N, |z|]: exact bits 1[p > 0.5] (the Gaussian latent: real).
+
+        Gumbel-softmax bits with model.gumbel_eval="sample" (the authors' evaluation) are a
+        draw b ~ Bernoulli(p) instead, from `seed` (default sampling.seed): the hard
+        Gumbel-max sample of each bit's (off, on) pair has exactly that distribution.
+        """
         p = self.encode_probabilities(images)
-        return (p > 0.5).astype(np.float32) if self.model.latent_type == "binary" else p
+        if self.model.latent_type != "binary":
+            return p
+        if self.model.binary_estimator == "gumbel_softmax" and self.model.gumbel_eval == "sample":
+            seed = self.config.sampling.seed if seed is None else seed
+            return (np.random.default_rng(seed).random(p.shape) < p).astype(np.float32)
+        return (p > 0.5).astype(np.float32)
 
     def _needs_latent(self):
         if not self.model.uses_latent:

@@ -11,8 +11,8 @@ import ml_collections
 from dmz_jax.config_base import base_config
 from dmz_jax.data import specs
 from dmz_jax.diffusion import SCHEDULES, VARIANCES
-from dmz_jax.model import CONDITIONINGS, DTYPES
-from dmz_jax.networks.latent import BINARY_ESTIMATORS, LATENT_TYPES
+from dmz_jax.model import BACKBONES, CONDITIONINGS, DTYPES, ENCODER_TYPES, Z_TOKENS
+from dmz_jax.networks.latent import BINARY_ESTIMATORS, GUMBEL_EVALS, LATENT_TYPES
 from dmz_jax.networks.layers import ATTENTION_IMPLS
 from dmz_jax.samplers import METHODS
 from dmz_jax.timestep_sampler import SAMPLERS as TIMESTEP_SAMPLERS
@@ -26,7 +26,9 @@ _CHOICES = {
     "model.conditioning": CONDITIONINGS, "model.binary_estimator": BINARY_ESTIMATORS,
     "model.attention_impl": ATTENTION_IMPLS, "diffusion.schedule": SCHEDULES,
     "sampling.method": METHODS, "diffusion.variance": VARIANCES,
-    "training.timestep_sampler": TIMESTEP_SAMPLERS}
+    "training.timestep_sampler": TIMESTEP_SAMPLERS, "model.backbone": BACKBONES,
+    "model.encoder.type": ENCODER_TYPES, "model.z_tokens": Z_TOKENS,
+    "model.gumbel_eval": GUMBEL_EVALS}
 
 # key -> (test, rule shown). Counts >= 1, rates > 0, dropout and decay in [0, 1).
 _COUNT, _NON_NEGATIVE = (lambda v: v >= 1, "must be >= 1"), (lambda v: v >= 0, "must be >= 0")
@@ -41,7 +43,8 @@ _RANGES = {
     **dict.fromkeys("""training.warmup_steps training.weight_decay diffusion.vlb_weight
         model.encoder.center_examples sampling.eta diffusion.input_perturbation""".split(),
         _NON_NEGATIVE),
-    **dict.fromkeys(("training.learning_rate", "training.encoder_lr_scale"), _POSITIVE),
+    **dict.fromkeys(("training.learning_rate", "training.encoder_lr_scale",
+                     "model.gumbel_temperature"), _POSITIVE),
     **dict.fromkeys(("model.dropout", "training.ema_decay", "data.test_fraction"), _FRACTION),
     "model.channel_mult": (lambda v: v and min(v) >= 1, "must be non-empty, each >= 1"),
     "training.grad_clip": (lambda v: v >= 0, "must be >= 0 (0: no clipping)"),
@@ -85,8 +88,10 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: Optional[int
         if c.get(key) is not None and not test(c.get(key)):
             c.add(key, "range", c.get(key), rule)
     _check_data(c)
-    for prefix in ("model", "model.encoder") if encoder else ("model",):
+    resblocks = encoder and c.get("model.encoder.type") == "resblocks"
+    for prefix in ("model", "model.encoder") if resblocks else ("model",):
         _check_unet(c, prefix)
+    _check_authors_options(c, encoder)
     steps, total = c.get("sampling.steps"), c.get("diffusion.num_timesteps")
     if steps and total and not all(1 <= k <= total for k in steps):
         c.add("sampling.steps", "range", steps, f"must lie in 1..diffusion.num_timesteps={total}")
@@ -163,6 +168,8 @@ def _check_unet(c: _Checker, prefix: str) -> None:
     _check_divides(c, "model.num_groups", [ch] + [ch * m for m in mult], network,
                    f"{prefix}.model_channels={ch} x channel_mult {tuple(mult)}")
     attended = set(attention[f"{prefix}.attention_resolutions"] or ())
+    if network == "denoiser" and c.get("model.backbone") == "diffusers_unet":
+        return  # its heads: model.diffusers.attention_head_dim (_check_authors_options)
     if network == "denoiser":  # the middle block attends, and so do cross-attention levels
         cross = (attention["model.cross_attention_resolutions"]
                  if c.get("model.conditioning") == "cross_attention" else ())
@@ -178,6 +185,65 @@ def _check_divides(c: _Checker, key: str, widths: list[int], network: str, where
     if n is not None and n >= 1 and (bad := sorted({w for w in widths if w % n})):
         c.add(key, "divisible", n, f"does not divide the {network}'s channel widths {bad} "
               f"({where}); use a divisor of {math.gcd(*widths)}")
+
+
+def _check_authors_options(c: _Checker, encoder: bool) -> None:
+    """The combinations the authors' network (diffusers_unet, conv_bn, one_hot_single) and
+    ours (iddpm_unet, resblocks, per_bit) have, and the shapes they need."""
+    backbone, conditioning = c.get("model.backbone"), c.get("model.conditioning")
+    if conditioning in ("z_with_t", "z_concat") and backbone != "diffusers_unet":
+        c.add("model.conditioning", "choice", conditioning, "is the diffusers_unet backbone's "
+              "class embedding; set model.backbone=diffusers_unet, or use time_embedding (the "
+              "iddpm_unet's z added to the time embedding)")
+    if conditioning == "time_embedding" and backbone == "diffusers_unet":
+        c.add("model.conditioning", "choice", conditioning, "is the iddpm_unet's; with "
+              "model.backbone=diffusers_unet use z_with_t (added) or z_concat")
+    if encoder and c.get("model.z_tokens") == "one_hot_single" and c.get(
+            "model.latent_type") != "binary":
+        c.add("model.z_tokens", "choice", "one_hot_single", "is the (off, on) pair of each "
+              f"bit, which a {c.get('model.latent_type')} latent does not have; use "
+              "model.latent_type=binary or model.z_tokens=per_bit")
+    size = c.get("data.image_size")
+    if encoder and c.get("model.encoder.type") == "conv_bn" and size:
+        if size < 4 or size & (size - 1):
+            c.add("model.encoder.type", "dataset", "conv_bn", f"halves data.image_size={size} "
+                  "down to 2x2, so it needs a power of two >= 4; use such a size or "
+                  "model.encoder.type=resblocks")
+        if c.get("model.encoder.center_examples"):
+            c.add("model.encoder.center_examples", "choice", c.get(
+                "model.encoder.center_examples"), "centres the resblocks encoder's logits; "
+                "set it to 0 with model.encoder.type=conv_bn")
+    if backbone == "diffusers_unet":
+        _check_diffusers_heads(c)
+
+
+def _check_diffusers_heads(c: _Checker) -> None:
+    """Cross-attention resolutions among the attention ones; attention_head_dim (diffusers'
+    head count in CrossAttn blocks, head width in Attn blocks) divides their widths."""
+    mult, ch, size = (c.get(k) for k in ("model.channel_mult", "model.model_channels",
+                                         "data.image_size"))
+    heads = c.get("model.diffusers.attention_head_dim")
+    attention = set(c.get("model.attention_resolutions") or ())
+    cross = c.get("model.cross_attention_resolutions")
+    cross = attention if cross is None else set(cross)
+    if c.get("model.conditioning") != "cross_attention":
+        cross = set()
+    if cross - attention:
+        c.add("model.cross_attention_resolutions", "resolution", tuple(sorted(cross)),
+              f"{sorted(cross - attention)} not among model.attention_resolutions "
+              f"{tuple(sorted(attention))}: a diffusers_unet level cross-attends in its "
+              "Transformer2D, which also self-attends; add them there")
+    if not (mult and ch and size and heads and heads >= 1):
+        return
+    levels = {size // 2 ** k: ch * m for k, m in enumerate(mult)}
+    widths = {w for r, w in levels.items() if r in attention | cross}
+    if cross:
+        widths.add(ch * mult[-1])  # the mid block's Transformer2D
+    bad = sorted(w for w in widths if w % heads)
+    if bad:
+        c.add("model.diffusers.attention_head_dim", "divisible", heads, f"does not divide the "
+              f"attention widths {bad} (diffusers: head count in CrossAttn, head width in Attn "
+              "blocks); use a divisor of " + str(math.gcd(*widths)))
 
 
 def _check_variance(c: _Checker) -> None:

@@ -18,7 +18,7 @@ from etils import epath
 
 from dmz_jax import data, diffusion, images, samplers, sharding
 from dmz_jax.metrics import probes
-from dmz_jax.model import DMZ, image_shape
+from dmz_jax.model import DMZ, image_shape, variables
 from dmz_jax.networks import latent as latent_lib
 
 
@@ -45,10 +45,11 @@ def make_sample_fn(config, model: DMZ, diff: diffusion.Diffusion, num_steps: int
 
 
 def make_encode_fn(model: DMZ, mesh) -> Callable:
-    """jit(params, images [B, H, W, C]) -> deterministic codes [B, latent_dim]."""
+    """jit((params, batch_stats), images [B, H, W, C]) -> deterministic codes [B, latent_dim];
+    batch_stats: the encoder's BatchNorm statistics, None without BatchNorm."""
 
-    def encode(params, x):
-        return model.apply({"params": params}, x, method=DMZ.encode)
+    def encode(params_and_stats, x):
+        return model.apply(variables(*params_and_stats), x, method=DMZ.encode)
 
     return jax.jit(encode, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
@@ -66,29 +67,32 @@ def encode_dataset(encode_fn, params, x: np.ndarray, batch_size: int, mesh) -> n
     return np.concatenate(codes)
 
 
-def evaluate_probe(config, model: DMZ, params, mesh, baseline_params=None) -> dict:
+def evaluate_probe(config, model: DMZ, params, mesh, baseline_params=None, *,
+                   batch_stats=None, baseline_batch_stats=None) -> dict:
     """Linear-probe accuracy of the deterministic codes of `params` (train -> test split).
 
     With `baseline_params` (e.g. the untrained encoder), also `probe_accuracy_at_init`,
-    from the same loaded splits and the same compiled encoder.
+    from the same loaded splits and the same compiled encoder. batch_stats: the encoder's
+    BatchNorm statistics of each (None without BatchNorm).
     """
     encode_fn = make_encode_fn(model, mesh)
     batch = config.eval.encode_batch_size
     train = data.load_split(config.data, "train", config.eval.probe_train_examples)
     test = data.load_split(config.data, "test", config.eval.probe_test_examples)
 
-    def codes_and_accuracy(p):
-        train_codes = encode_dataset(encode_fn, p, train["image"], batch, mesh)
-        test_codes = encode_dataset(encode_fn, p, test["image"], batch, mesh)
+    def codes_and_accuracy(p_and_stats):
+        train_codes = encode_dataset(encode_fn, p_and_stats, train["image"], batch, mesh)
+        test_codes = encode_dataset(encode_fn, p_and_stats, test["image"], batch, mesh)
         return train_codes, probes.linear_probe_accuracy(train_codes, train["label"],
                                                         test_codes, test["label"])
 
-    train_codes, accuracy = codes_and_accuracy(params)
+    train_codes, accuracy = codes_and_accuracy((params, batch_stats))
     result = {"probe_accuracy": accuracy,
               "bit_means": train_codes.mean(0).round(4).tolist(),
               "distinct_codes_train": int(len(np.unique(train_codes, axis=0)))}
     if baseline_params is not None:
-        result["probe_accuracy_at_init"] = codes_and_accuracy(baseline_params)[1]
+        result["probe_accuracy_at_init"] = codes_and_accuracy(
+            (baseline_params, baseline_batch_stats))[1]
     return result
 
 
@@ -112,13 +116,17 @@ def write_sample_grids(config, model: DMZ, diff, params, step: int, workdir: str
 
 
 def evaluate(config, model: DMZ, diff, params, step: int, workdir: str, mesh, writer=None,
-             baseline_params: Optional[dict] = None) -> dict:
-    """Sample grids and, when the data has classes, the linear probe (with its baseline)."""
+             baseline_params: Optional[dict] = None, *, batch_stats=None,
+             baseline_batch_stats=None) -> dict:
+    """Sample grids and, when the data has classes, the linear probe (with its baseline);
+    batch_stats: the encoder's BatchNorm statistics of params and of baseline_params."""
     summary = {"step": step, "samples": write_sample_grids(config, model, diff, params, step,
                                                            workdir, writer)}
     summary["probe_accuracy"] = None  # no latent, or no class labels (celeb_a: attributes)
     if model.uses_latent and data.dataset_info(config.data).num_classes > 1:
-        summary.update(evaluate_probe(config, model, params, mesh, baseline_params))
+        summary.update(evaluate_probe(config, model, params, mesh, baseline_params,
+                                      batch_stats=batch_stats,
+                                      baseline_batch_stats=baseline_batch_stats))
         if writer is not None:
             writer.write_scalars(step, {"probe_accuracy": summary["probe_accuracy"]})
     return summary
@@ -226,7 +234,7 @@ def _probes(config, model, train: dict, test: dict, trained_codes: tuple) -> dic
         baseline = center_encoder_logits(model.model, baseline,
                                          train["image"][:config.model.encoder.center_examples])
     out = {}
-    encoder = model.with_params(baseline)
+    encoder = model.with_params(baseline, state.batch_stats)
     baseline_codes = encoder.encode(train["image"]), encoder.encode(test["image"])
     for name, (train_codes, test_codes) in (("", trained_codes), ("_at_init", baseline_codes)):
         if "attributes" in train:

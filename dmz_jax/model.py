@@ -280,14 +280,25 @@ def _encoder(config: ml_collections.ConfigDict):
     )
 
 
-def init_params(model: DMZ, rng: jax.Array, image_shape: tuple[int, ...]) -> Any:
-    """Initialises parameters from a batch of one; image_shape = (H, W, C)."""
+def init_variables(model: DMZ, rng: jax.Array, image_shape: tuple[int, ...]) -> dict:
+    """All variables from a batch of one: {"params"}, and {"batch_stats"} (BatchNorm's running
+    mean 0 and variance 1) when the encoder has BatchNorm; image_shape = (H, W, C)."""
     x = jnp.zeros((1, *image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.float32)
     params_rng, dropout_rng, latent_rng = jax.random.split(rng, 3)
-    variables = model.init({"params": params_rng, "dropout": dropout_rng, "latent": latent_rng},
-                           x, x, t, train=False)
-    return variables["params"]
+    return dict(model.init({"params": params_rng, "dropout": dropout_rng, "latent": latent_rng},
+                           x, x, t, train=False))
+
+
+def init_params(model: DMZ, rng: jax.Array, image_shape: tuple[int, ...]) -> Any:
+    """Initialises parameters from a batch of one; image_shape = (H, W, C)."""
+    return init_variables(model, rng, image_shape)["params"]
+
+
+def variables(params: Any, batch_stats: Optional[Any] = None) -> dict:
+    """The variables of `model.apply`: {"params"}, plus {"batch_stats"} when not None."""
+    return {"params": params} if batch_stats is None else {"params": params,
+                                                             "batch_stats": batch_stats}
 
 
 def _path_names(path) -> list[str]:

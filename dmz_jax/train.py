@@ -93,12 +93,15 @@ class Run:
 
     def evaluate(self, state: TrainState) -> dict:
         """Sample grids and the probe of the EMA parameters (end-of-training summary)."""
-        baseline = None
+        baseline = baseline_stats = None
         if self.config.eval.probe_at_init:  # the starting encoder: what did training add?
-            baseline = self.replicated(self.fresh_state().params)
+            fresh = self.fresh_state()
+            baseline, baseline_stats = self.replicated(fresh.params), fresh.batch_stats
         return evaluate.evaluate(self.config, self.model, self.diff,
                                  self.replicated(state.ema_params), int(state.step),
-                                 self.workdir, self.mesh, self.writer, baseline_params=baseline)
+                                 self.workdir, self.mesh, self.writer, baseline_params=baseline,
+                                 batch_stats=state.batch_stats,
+                                 baseline_batch_stats=baseline_stats)
 
     def replicated(self, params):
         """params on every device (gathered from their mesh.fsdp shards), for sampling and

@@ -18,7 +18,7 @@ import optax
 from clu import metrics as clu_metrics
 
 from dmz_jax import diffusion, sharding, timestep_sampler
-from dmz_jax.model import DMZ, image_shape, init_params
+from dmz_jax.model import DMZ, image_shape, init_variables, variables
 from dmz_jax.networks.latent import Encoding
 
 
@@ -32,6 +32,11 @@ class TrainState:
     updates were skipped); skipped_steps: int32, all such steps so far.
     t_sampler: the timestep sampler's state (`dmz_jax.timestep_sampler`): None for
     "uniform", else its loss history.
+    batch_stats: the running statistics of the encoder's BatchNorm (model.encoder.type
+    conv_bn), None without BatchNorm. They are updated by every training step (momentum
+    0.1, over the global batch) and used, as they are, with the raw and the EMA parameters
+    alike (there is no EMA of them: the authors' EMA checkpoints carry the live model's BN
+    buffers too).
 
     A pytree whose OPTIONAL_FIELDS are left out while they are None (not even an empty
     node), so a state without them has the tree, and restores the checkpoints, of the code
@@ -46,8 +51,9 @@ class TrainState:
     nonfinite_streak: jax.Array
     skipped_steps: jax.Array
     t_sampler: Optional[Any] = None
+    batch_stats: Optional[Any] = None
 
-    OPTIONAL_FIELDS = ("t_sampler",)  # a class attribute, not a field (no annotation)
+    OPTIONAL_FIELDS = ("t_sampler", "batch_stats")  # a class attribute, not a field (no annotation)
 
     def replace(self, **updates) -> "TrainState":
         return dataclasses.replace(self, **updates)
@@ -106,13 +112,15 @@ def make_diffusion(config: ml_collections.ConfigDict) -> diffusion.Diffusion:
 def create_train_state(config, model: DMZ, tx: optax.GradientTransformation) -> TrainState:
     """Initialises parameters, EMA (a copy) and optimizer state from config.seed."""
     init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    params = init_params(model, init_rng, image_shape(config))
+    initial = init_variables(model, init_rng, image_shape(config))
+    params = initial["params"]
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, ema_params=jax.tree.map(jnp.copy, params),
                       opt_state=tx.init(params), rng=run_rng, nonfinite_streak=zero,
                       skipped_steps=zero,
                       t_sampler=timestep_sampler.init(config.training.timestep_sampler,
-                                                      config.diffusion.num_timesteps))
+                                                      config.diffusion.num_timesteps),
+                      batch_stats=initial.get("batch_stats"))
 
 
 def center_encoder_logits(model: DMZ, params, images: jax.Array):
@@ -165,7 +173,8 @@ def draw_inputs(rngs: dict, x0: jax.Array, num_timesteps: int, config,
 
 
 def _loss_fn(params, x0, t, noise, rngs: dict, weights: Optional[jax.Array] = None,
-             xi: Optional[jax.Array] = None, *, model: DMZ, diff, config):
+             xi: Optional[jax.Array] = None, batch_stats: Optional[Any] = None, *, model: DMZ,
+             diff, config):
     """Training loss of images x0 [B, H, W, C] at timesteps t [B] with noise [B, H, W, C]
     (hybrid or MSE, diffusion.variance; DDPM-IP's perturbation xi [B, H, W, C] when
     diffusion.input_perturbation > 0) -> (loss, {loss, mse, vb, z_mean}: float32 means over
@@ -175,15 +184,19 @@ def _loss_fn(params, x0, t, noise, rngs: dict, weights: Optional[jax.Array] = No
     the loss, mse and vb returned are the means of the weighted per-example terms (the
     importance-sampled estimate of the uniform-t objective), and aux also holds
     "example_loss" [B], the unweighted per-example loss (the sampler's history records it).
+    batch_stats (the encoder's BatchNorm statistics, or None): the encoder normalises with
+    this batch's statistics and aux["batch_stats"] holds the updated running statistics.
     """
-    variables = {"params": params}
-    z = None
+    z, new_batch_stats = None, None
     if model.uses_latent:
-        z = model.apply(variables, x0, encoding=Encoding.TRAIN, train=True, method=DMZ.encode,
+        z = model.apply(variables(params, batch_stats), x0, encoding=Encoding.TRAIN, train=True,
+                        method=DMZ.encode, mutable=["batch_stats"] if batch_stats else False,
                         rngs={"latent": rngs["latent"], "dropout": rngs["dropout"]})
+        if batch_stats:
+            z, new_batch_stats = z[0], z[1]["batch_stats"]
 
     def model_fn(x_t, model_t):
-        return model.apply(variables, x_t, model_t, z, train=True, method=DMZ.denoise,
+        return model.apply({"params": params}, x_t, model_t, z, train=True, method=DMZ.denoise,
                            rngs={"dropout": rngs["dropout"]})
 
     terms = diffusion.training_losses(diff, model_fn, x0, t, noise,
@@ -197,6 +210,8 @@ def _loss_fn(params, x0, t, noise, rngs: dict, weights: Optional[jax.Array] = No
         aux = {k: jnp.mean(v * weights) for k, v in terms.items()}
         aux["example_loss"] = jax.lax.stop_gradient(terms["loss"])
     aux["z_mean"] = jnp.mean(z) if z is not None else jnp.zeros(())
+    if new_batch_stats is not None:
+        aux["batch_stats"] = new_batch_stats
     return aux["loss"], aux
 
 
@@ -215,47 +230,52 @@ def _unmicrobatch(x: jax.Array) -> jax.Array:
 
 
 def mean_grads(loss_fn: Callable, params, x0: jax.Array, rngs: dict, draws: dict,
-               steps: int = 1):
+               steps: int = 1, batch_stats: Optional[Any] = None):
     """(gradient, aux) of the batch-mean loss, over `steps` microbatches of B / steps images.
 
-    loss_fn(params, x0, t, noise, rngs, weights, xi) -> (loss, aux): aux of scalar means,
-    and optionally "example_loss" [b]. draws: the batch's per-example inputs from
-    `draw_inputs` ({t, noise} and maybe {weights, xi}, [B, ...] each), drawn once for the
-    whole batch, so they do not depend on `steps`; with steps > 1 the dropout and latent
-    keys are folded with the microbatch index. Gradients and scalar aux are summed in
-    float32 over a lax.scan and divided by `steps`: the same mean as steps = 1 (equal
-    microbatches), with the activations of one microbatch alive at a time; "example_loss"
-    comes back [B] in batch order.
+    loss_fn(params, x0, t, noise, rngs, weights, xi, batch_stats) -> (loss, aux): aux of
+    scalar means, optionally "example_loss" [b] and "batch_stats" (the encoder's updated
+    BatchNorm statistics). draws: the batch's per-example inputs from `draw_inputs` ({t,
+    noise} and maybe {weights, xi}, [B, ...] each), drawn once for the whole batch, so they
+    do not depend on `steps`; with steps > 1 the dropout and latent keys are folded with the
+    microbatch index. Gradients and scalar aux are summed in float32 over a lax.scan and
+    divided by `steps`: the same mean as steps = 1 (equal microbatches), with the activations
+    of one microbatch alive at a time; "example_loss" comes back [B] in batch order; the
+    BatchNorm statistics are updated microbatch after microbatch (as the authors' trainer).
     """
     grad_fn = jax.grad(loss_fn, has_aux=True)
-    names = ("t", "noise", "weights", "xi")
 
-    def call(x, d, keys):
-        return grad_fn(params, x, *(d.get(n) for n in names[:2]), keys,
-                       *(d.get(n) for n in names[2:]))
+    def call(x, d, keys, stats):
+        return grad_fn(params, x, d["t"], d["noise"], keys, d.get("weights"), d.get("xi"),
+                       stats)
 
     if steps == 1:
-        return call(x0, draws, rngs)
+        return call(x0, draws, rngs, batch_stats)
     xs = (jnp.arange(steps), _microbatches(x0, steps),
           {k: _microbatches(v, steps) for k, v in draws.items()})
 
-    def split(out):  # (summed part, per-example part)
+    def split(out):  # (summed part, per-example part, BatchNorm statistics)
         grads, aux = out
+        stats = aux.pop("batch_stats", None)
         per_example = {k: aux.pop(k) for k in [k for k, v in aux.items() if v.ndim]}
-        return (grads, aux), per_example
+        return (grads, aux), per_example, stats
 
-    def body(total, inputs):
+    def body(carry, inputs):
+        total, stats = carry
         j, x, d = inputs
         keys = {k: jax.random.fold_in(key, j) for k, key in rngs.items()}
-        summed, per_example = split(call(x, d, keys))
-        return jax.tree.map(jnp.add, total, summed), per_example
+        summed, per_example, stats = split(call(x, d, keys, stats))
+        return (jax.tree.map(jnp.add, total, summed), stats), per_example
 
     first = jax.tree.map(lambda a: a[0], xs)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         split(jax.eval_shape(call, first[1], first[2], rngs))[0])
-    (grads, aux), per_example = jax.lax.scan(body, zeros, xs)
+                         split(jax.eval_shape(call, first[1], first[2], rngs, batch_stats))[0])
+    ((grads, aux), stats), per_example = jax.lax.scan(body, (zeros, batch_stats), xs)
     grads, aux = jax.tree.map(lambda v: v / steps, (grads, aux))
-    return grads, {**aux, **{k: _unmicrobatch(v) for k, v in per_example.items()}}
+    aux = {**aux, **{k: _unmicrobatch(v) for k, v in per_example.items()}}
+    if stats is not None:
+        aux["batch_stats"] = stats
+    return grads, aux
 
 
 def train_step(state: TrainState, batch: dict, *, model: DMZ, diff: diffusion.Diffusion,
@@ -277,8 +297,9 @@ def train_step(state: TrainState, batch: dict, *, model: DMZ, diff: diffusion.Di
     draws = draw_inputs(rngs, batch["image"], diff.num_timesteps, config, state.t_sampler)
     loss_fn = functools.partial(_loss_fn, model=model, diff=diff, config=config)
     grads, out = mean_grads(loss_fn, state.params, batch["image"], rngs, draws,
-                            config.training.grad_accum_steps)
+                            config.training.grad_accum_steps, state.batch_stats)
     example_loss = out.pop("example_loss", None)
+    batch_stats = out.pop("batch_stats", None)
     out["grad_norm"] = optax.tree.norm(grads)
     out["encoder_grad_norm"] = optax.tree.norm(grads.get("encoder", {}))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -297,7 +318,9 @@ def train_step(state: TrainState, batch: dict, *, model: DMZ, diff: diffusion.Di
         ema_params=keep_if_finite(ema_params, state.ema_params),
         opt_state=keep_if_finite(opt_state, state.opt_state),
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32), t_sampler=t_sampler)
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32), t_sampler=t_sampler,
+        batch_stats=(state.batch_stats if batch_stats is None
+                     else keep_if_finite(batch_stats, state.batch_stats)))
     step_metrics = TrainMetrics.single_from_model_output(  # [1]: the mask's shape
         **{k: v[None] for k, v in out.items()}, mask=finite[None])
     return new_state, {"metrics": step_metrics, "nonfinite_streak": new_state.nonfinite_streak,

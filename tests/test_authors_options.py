@@ -72,21 +72,28 @@ def test_one_hot_single_is_one_token_without_token_parameters():
 
 
 def test_gumbel_eval_sample_draws_and_argmax_thresholds():
-    c = _authors_tiny(gumbel_eval="argmax")
-    model = create_model(c)
-    params = init_params(model, jax.random.PRNGKey(0), (32, 32, 1))
-    x = jax.random.uniform(jax.random.PRNGKey(1), (16, 32, 32, 1), minval=-1, maxval=1)
-    logits = model.apply({"params": params}, x, method=DMZ.encode_logits)
-    z = model.apply({"params": params}, x, method=DMZ.encode)
-    np.testing.assert_array_equal(z, (logits > 0).astype(np.float32))
+    model = create_model(_authors_tiny(gumbel_eval="argmax"))
     sampler = create_model(_authors_tiny(gumbel_eval="sample"))
-    draws = [sampler.apply({"params": params}, x, method=DMZ.encode,
-                           rngs={"latent": jax.random.PRNGKey(s)}) for s in range(2)]
+    x = jax.random.uniform(jax.random.PRNGKey(1), (16, 32, 32, 1), minval=-1, maxval=1)
+    params = jax.jit(lambda k: model.init(k, x, method=DMZ.encode_logits))(
+        jax.random.PRNGKey(0))["params"]  # the encoder's: encode needs nothing else
+
+    @jax.jit
+    def encodings(params, key):
+        logits = model.apply({"params": params}, x, method=DMZ.encode_logits)
+        z = model.apply({"params": params}, x, method=DMZ.encode)
+        draws = [sampler.apply({"params": params}, x, method=DMZ.encode,
+                               rngs={"latent": jax.random.fold_in(key, s)}) for s in range(2)]
+        no_rng = sampler.apply({"params": params}, x, method=DMZ.encode)
+        return logits, z, draws, no_rng
+
+    logits, z, draws, no_rng = encodings(params, jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(z, (logits > 0).astype(np.float32))
     assert set(np.unique(np.asarray(draws))) <= {0.0, 1.0}
     assert not np.array_equal(draws[0], draws[1])  # a random draw, as the authors evaluate
     # without a "latent" rng the draw is reproducible (key 0)
-    np.testing.assert_array_equal(sampler.apply({"params": params}, x, method=DMZ.encode),
-                                  sampler.apply({"params": params}, x, method=DMZ.encode))
+    _, _, _, again = encodings(params, jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(no_rng, again)
 
 
 AUTHORS_CONFIGS = ("cifar10", "celeba64", "edges64", "handbags64", "celebahq256", "fashion_mnist")

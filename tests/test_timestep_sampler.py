@@ -136,7 +136,7 @@ def test_init_and_config_choice():
 def test_microbatched_example_losses_come_back_in_batch_order():
     """mean_grads with 2 microbatches returns the per-example losses (and gradients) of one
     batch: draws are made once per batch, so t and the loss weights do not depend on it."""
-    def loss_fn(params, x0, t, noise, rngs, weights=None, xi=None):
+    def loss_fn(params, x0, t, noise, rngs, weights=None, xi=None, batch_stats=None):
         per = params * jnp.mean(x0, axis=(1, 2, 3)) + t + noise[:, 0, 0, 0]
         return jnp.mean(per * weights), {"loss": jnp.mean(per * weights), "example_loss": per}
 
