@@ -196,6 +196,31 @@ class Model:
             return (np.random.default_rng(seed).random(p.shape) < p).astype(np.float32)
         return (p > 0.5).astype(np.float32)
 
+    @functools.cached_property
+    def _encode_soft(self):
+        model = self.model
+
+        def fn(params, batch, rng):
+            logits = model.apply(variables(params, self.batch_stats), batch["x"],
+                                 method=DMZ.encode_logits)
+            if model.binary_estimator == "gumbel_softmax":
+                return latent_lib.gumbel_softmax_bits(logits, rng, model.gumbel_temperature)
+            return jax.nn.sigmoid(logits)
+        return jax.jit(fn)
+
+    def soft_bits(self, images: np.ndarray, seed: int = 0) -> np.ndarray:
+        """[N, H, W, C] -> soft bits [N, |z|] in (0, 1): what the authors' protocol reads
+        (their `hidden`). Gumbel-softmax bits: one relaxed sample (from `seed`), the on-entry
+        of each (off, on) pair; other binary estimators: p = sigmoid(logits)."""
+        self._needs_latent()
+        if self.model.latent_type != "binary":
+            raise ValueError("soft bits need a binary latent (model.latent_type=binary)")
+        return self._map(self._encode_soft, {"x": images}, jax.random.PRNGKey(seed))
+
+    def soft_codes(self, images: np.ndarray, seed: int = 0) -> np.ndarray:
+        """The authors' soft code [N, 2|z|]: soft_bits as (off, on) pairs, interleaved."""
+        return np.asarray(latent_lib.one_hot_pairs(self.soft_bits(images, seed)))
+
     def _needs_latent(self):
         if not self.model.uses_latent:
             raise ValueError("this model has no latent z (model.latent_type or "
@@ -338,11 +363,13 @@ class Model:
                                          "total_bpd"]
         return jax.jit(fn)
 
-    def nll_bpd(self, images: np.ndarray, seed: int = 0) -> np.ndarray:
-        """The full variational bound in bits/dim [N] (I-DDPM's), given z = encode(x)."""
+    def nll_bpd(self, images: np.ndarray, seed: int = 0,
+                z: Optional[np.ndarray] = None) -> np.ndarray:
+        """The full variational bound in bits/dim [N] (I-DDPM's), given z (default
+        encode(x); the authors' protocol passes soft_bits(x))."""
         arrays = {"x": images}
         if self.model.uses_latent:
-            arrays["z"] = self.encode(images)
+            arrays["z"] = self.encode(images) if z is None else z
         return self._map(self._nll_fn, arrays, jax.random.PRNGKey(seed))
 
 

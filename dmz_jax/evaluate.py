@@ -185,16 +185,17 @@ def sample_statistics(model, feature_fn, n: int, *, steps: int, prior: str = "be
     return stats
 
 
-def _frechet_distances(config, model, feature_fn, real: np.ndarray, priors,
-                       prefix: str) -> dict:
-    """PREFIX_K<k> (Bernoulli z) and PREFIX_<prior>_K<k> for each K in eval.fd_steps: N
-    generated vs N real images; PREFIX is "fid" in Inception features, else "fd"."""
+def _frechet_distances(config, model, feature_fn, real: np.ndarray, priors, prefix: str,
+                       num_samples: int) -> dict:
+    """PREFIX_K<k> (Bernoulli z) and PREFIX_<prior>_K<k> for each K in eval.fd_steps:
+    num_samples generated images vs the `real` ones; PREFIX is "fid" in Inception features,
+    else "fd"."""
     from dmz_jax.metrics import frechet
     real_stats = frechet.feature_statistics(feature_fn(real))
     out = {}
     for prior in priors:
         for k in map(int, config.eval.fd_steps):
-            stats = sample_statistics(model, feature_fn, len(real), steps=k, prior=prior,
+            stats = sample_statistics(model, feature_fn, num_samples, steps=k, prior=prior,
                                       seed=config.sampling.seed)
             key = f"{prefix}_K{k}" if prior == "bernoulli" else f"{prefix}_{prior}_K{k}"
             out[key] = frechet.frechet_distance(*stats.statistics(), *real_stats)
@@ -223,10 +224,37 @@ def prior_fit(train_codes: np.ndarray, test_codes: np.ndarray, rng: np.random.Ge
             "mean_nearest_distance_bits": float(nearest.mean())}
 
 
-def _probes(config, model, train: dict, test: dict, trained_codes: tuple) -> dict:
-    """probe_accuracy (classes) or probe_auroc_mean (CelebA), for the trained encoder (its
-    (train, test) codes given) and the untrained one (the baseline, centred as a fresh run)."""
+def probe_codes(config, model, images: np.ndarray) -> np.ndarray:
+    """The codes a probe reads: exact bits (protocol dmz_jax), or the authors' soft 2|z|
+    vector (one relaxed Gumbel-softmax sample per image, seeded by sampling.seed)."""
+    if config.eval.protocol == "authors":
+        return model.soft_codes(images, seed=config.sampling.seed)
+    return model.encode(images)
+
+
+def _probe_scores(config, codes: tuple, train: dict, test: dict, suffix: str) -> dict:
+    """dmz_jax: logistic regression on standardised codes, train split -> test split.
+    authors: plain logistic regression, 5-fold CV over train and test together, with the
+    spread over folds (`..._std`)."""
     from dmz_jax.metrics import probes
+    attributes = "attributes" in train
+    key = "probe_auroc_mean" if attributes else "probe_accuracy"
+    target = "attributes" if attributes else "label"
+    if config.eval.protocol == "authors":
+        mean, std, _ = probes.cross_validated_probe(
+            np.concatenate(codes), np.concatenate([train[target], test[target]]),
+            attributes=attributes, seed=0)
+        return {key + suffix: mean, f"{key}_std{suffix}": std}
+    if attributes:
+        return {key + suffix: probes.attribute_probe_auroc(
+            codes[0], train[target], codes[1], test[target])[0]}
+    return {key + suffix: probes.linear_probe_accuracy(codes[0], train[target], codes[1],
+                                                       test[target])}
+
+
+def _probes(config, model, train: dict, test: dict) -> dict:
+    """probe_accuracy (classes) or probe_auroc_mean (CelebA) under eval.protocol, for the
+    trained encoder and the untrained one (the baseline, centred as a fresh run)."""
     from dmz_jax.train_state import center_encoder_logits, create_train_state
     state = jax.jit(lambda: create_train_state(config, model.model, optax.identity()))()
     baseline = state.params
@@ -234,15 +262,9 @@ def _probes(config, model, train: dict, test: dict, trained_codes: tuple) -> dic
         baseline = center_encoder_logits(model.model, baseline,
                                          train["image"][:config.model.encoder.center_examples])
     out = {}
-    encoder = model.with_params(baseline, state.batch_stats)
-    baseline_codes = encoder.encode(train["image"]), encoder.encode(test["image"])
-    for name, (train_codes, test_codes) in (("", trained_codes), ("_at_init", baseline_codes)):
-        if "attributes" in train:
-            out[f"probe_auroc_mean{name}"] = probes.attribute_probe_auroc(
-                train_codes, train["attributes"], test_codes, test["attributes"])[0]
-        else:
-            out[f"probe_accuracy{name}"] = probes.linear_probe_accuracy(
-                train_codes, train["label"], test_codes, test["label"])
+    for suffix, m in (("", model), ("_at_init", model.with_params(baseline, state.batch_stats))):
+        codes = probe_codes(config, m, train["image"]), probe_codes(config, m, test["image"])
+        out.update(_probe_scores(config, codes, train, test, suffix))
     return out
 
 
@@ -254,19 +276,28 @@ def run_evaluation(config, workdir: str, checkpoint=None) -> str:
     out = modes.output_dir(workdir, "evaluate")
     metrics = {"step": model.step, "sampler": config.sampling.method,
                "eta": config.sampling.eta, "fd_steps": list(v.fd_steps)}
-    n = v.fd_num_samples
-    train = data.load_split(config.data, "train", max(n, v.probe_train_examples))
+    n, authors = v.fd_num_samples, v.protocol == "authors"
+    # authors: n samples against the whole training split; dmz_jax: n against its first n
+    train = data.load_split(config.data, "train",
+                            None if authors else max(n, v.probe_train_examples))
     test = data.load_split(config.data, "test")
     name, feature_fn, notes = feature_network(config, train, test)
     priors = ["bernoulli"] + (["learned"] if epath.Path(model.prior_path).exists() else [])
     if not model.model.uses_latent:
         priors = ["bernoulli"]  # no z: the plain diffusion model
-    metrics.update({"fd_features": name, "fd_num_samples": min(n, len(train["image"])),
-                    "fd_reference": "train split", "fd_priors": priors, **notes})
-    metrics.update(_frechet_distances(config, model, feature_fn, train["image"][:n], priors,
-                                      "fid" if name == "inception" else "fd"))
-    metrics["nll_bpd"] = float(model.nll_bpd(test["image"][:v.nll_examples]).mean())
-    metrics["nll_examples"] = len(test["image"][:v.nll_examples])
+    real = train["image"] if authors else train["image"][:n]
+    n = n if authors else len(real)
+    metrics.update({"protocol": v.protocol, "fd_features": name, "fd_num_samples": n,
+                    "fd_reference": f"train split, first {len(real)}", "fd_priors": priors,
+                    **notes})
+    metrics.update(_frechet_distances(config, model, feature_fn, real, priors,
+                                      "fid" if name == "inception" else "fd", n))
+    x = test["image"][:v.nll_examples]
+    soft_z = None  # authors: the NLL given a soft z (one relaxed sample), not the bits
+    if authors and model.model.uses_latent and config.model.latent_type == "binary":
+        soft_z = model.soft_bits(x, seed=config.sampling.seed)
+    metrics["nll_bpd"] = float(model.nll_bpd(x, z=soft_z).mean())
+    metrics["nll_examples"] = len(x)
     if model.model.uses_latent:
         x = test["image"][:v.recon_examples]
         for kind, inverted in (("z_only", False), ("inverted", True)):
@@ -276,10 +307,10 @@ def run_evaluation(config, workdir: str, checkpoint=None) -> str:
         metrics["recon_steps"], metrics["recon_examples"] = config.modes.steps, len(x)
         probe_train = {k: a[:v.probe_train_examples] for k, a in train.items()}
         probe_test = {k: a[:v.probe_test_examples] for k, a in test.items()}
-        codes = model.encode(probe_train["image"]), model.encode(probe_test["image"])
         if "attributes" in train or data.dataset_info(config.data).num_classes > 1:
-            metrics.update(_probes(config, model, probe_train, probe_test, codes))
+            metrics.update(_probes(config, model, probe_train, probe_test))
         if config.model.latent_type == "binary":
+            codes = model.encode(probe_train["image"]), model.encode(probe_test["image"])
             metrics["prior_fit"] = prior_fit(*codes, np.random.default_rng(config.seed),
                                              v.neighbour_bits)
     path = epath.Path(out) / "metrics.json"

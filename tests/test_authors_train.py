@@ -51,3 +51,38 @@ def test_authors_recipe_resumes_bit_exact_with_batch_stats_and_sampler_history(t
     p = model.encode_probabilities(images)
     p_start = model.with_params(model.params, start.batch_stats).encode_probabilities(images)
     assert p.shape == (8, 8) and not np.allclose(p, p_start)
+
+
+@pytest.mark.slow  # an authors' tiny run (4 steps), its probe and NLL (~40 s)
+def test_probe_and_nll_under_the_authors_protocol(tmp_path):
+    """eval.protocol=authors: sklearn's plain logistic regression, 5-fold CV over train and
+    test together, on the soft (off, on) pairs of one relaxed sample; NLL given soft z."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold, cross_val_score
+
+    from dmz_jax import data, evaluate
+
+    workdir = str(tmp_path / "run")
+    config = _config(4)
+    _train(config, workdir)
+    config.sampling.batch_size = 8
+    config.eval.protocol = "authors"
+    model = api.load(workdir, config=config)
+    train, test = (data.load_split(config.data, s, n) for s, n in (("train", 100), ("test", 50)))
+    m = evaluate._probes(config, model, train, test)
+    codes = np.concatenate([model.soft_codes(x["image"], seed=config.sampling.seed)
+                            for x in (train, test)])
+    assert codes.shape == (150, 16) and 0 < codes.min() and codes.max() < 1
+    np.testing.assert_allclose(codes[:, 0::2] + codes[:, 1::2], 1.0, rtol=1e-6)
+    labels = np.concatenate([train["label"], test["label"]])
+    expected = cross_val_score(LogisticRegression(), codes, labels,
+                               cv=KFold(5, shuffle=True, random_state=0))
+    assert m["probe_accuracy"] == pytest.approx(expected.mean(), abs=1e-9)
+    assert m["probe_accuracy_std"] == pytest.approx(expected.std(), abs=1e-9)
+    assert np.isfinite(m["probe_accuracy_at_init"])
+    # the soft codes are a draw: another seed, other codes
+    assert not np.allclose(codes[:100], model.soft_codes(train["image"], seed=1))
+    x = test["image"][:8]
+    soft, bits = model.soft_bits(x, seed=0), model.encode(x)
+    nll_soft, nll_bits = model.nll_bpd(x, z=soft), model.nll_bpd(x)
+    assert np.all(np.isfinite(nll_soft)) and not np.allclose(nll_soft, nll_bits)
