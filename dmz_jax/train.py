@@ -65,6 +65,9 @@ class Run:
         if self.restored is None and config.training.init_from:
             self._init_from = (warm_start.check(config.training.init_from, abstract.params),
                                checkpointing.placed(abstract.params, self.state_sharding.params))
+            if abstract.batch_stats is not None:
+                self._init_from += (checkpointing.placed(abstract.batch_stats,
+                                                         self.state_sharding.batch_stats),)
         self.writer = metric_writers.create_default_writer(
             workdir, just_logging=jax.process_index() > 0)
 
@@ -81,8 +84,12 @@ class Run:
         """
         state = self._init()
         if self._init_from is not None:
-            params, ema_params = warm_start.load(*self._init_from)
-            return state.replace(params=params, ema_params=ema_params)
+            params, ema_params = warm_start.load(*self._init_from[:2])
+            state = state.replace(params=params, ema_params=ema_params)
+            if len(self._init_from) == 3:
+                stats = warm_start.load_batch_stats(*self._init_from[::2])
+                state = state if stats is None else state.replace(batch_stats=stats)
+            return state
         n = self.config.model.encoder.center_examples
         if self.model.uses_latent and n:
             images = data.load_split(self.config.data, "train", n)["image"]

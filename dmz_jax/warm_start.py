@@ -4,15 +4,16 @@ The use: fine-tuning at a higher resolution (configs/celebahq256.py from a confi
 run). No parameter of the U-Net or the encoder depends on the image size (convolutions,
 attention, an encoder that averages over H x W), so a model with the same widths and levels
 (attention at the same level: 4x the pixels at 4x the size) has parameters of the same shapes.
-The raw and the EMA parameters are copied; the optimizer state, the step and the rng start
-afresh. Any parameter whose path or shape differs is an error listing them all, raised when
+The raw and the EMA parameters are copied, and the encoder's BatchNorm statistics when both
+models have them (a Conv-BN encoder, e.g. the authors' DiffDecoder converted by
+`python -m dmz_jax.convert`); the optimizer state, the step and the rng start afresh. Any parameter whose path or shape differs is an error listing them all, raised when
 the run is set up, before anything is compiled.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -80,3 +81,19 @@ def load(state_dir: epath.Path, placed_params: Any) -> tuple[Any, Any]:
         partial_restore=True))
     logging.info("Initialised the parameters (raw and EMA) from %s.", state_dir)
     return restored["params"], restored["ema_params"]
+
+
+def load_batch_stats(state_dir: epath.Path, placed_stats: Any) -> Optional[Any]:
+    """The checkpoint's BatchNorm statistics onto `placed_stats` (this model's), or None when
+    the checkpoint has none or of other shapes (the model's own initial ones are kept)."""
+    saved = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
+    if placed_stats is None or "batch_stats" not in saved or mismatches(
+            saved["batch_stats"], placed_stats):
+        logging.info("training.init_from: BatchNorm statistics start afresh.")
+        return None
+    target = {"batch_stats": placed_stats}
+    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+    logging.info("Initialised the BatchNorm statistics from %s.", state_dir)
+    return restored["batch_stats"]

@@ -230,6 +230,11 @@ def test_authors_diffdecoder_converts_whole_with_its_batchnorm_statistics(tmp_pa
         for item in ("params", "ema_params") if path[0] == "params" else ("batch_stats",):
             value = traverse_util.flatten_dict(saved[item])[path[1:]]
             np.testing.assert_array_equal(torch_layout(value), sd[name], err_msg=name)
+    # training.init_from takes the statistics too (warm_start.load_batch_stats)
+    stats = warm_start.load_batch_stats(warm_start.newest_state_dir(out), saved["batch_stats"])
+    for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(saved["batch_stats"])):
+        np.testing.assert_array_equal(a, b)
+    assert warm_start.load_batch_stats(warm_start.newest_state_dir(out), None) is None
 
 
 @pytest.mark.slow  # a subprocess
