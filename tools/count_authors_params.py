@@ -17,7 +17,7 @@ built on the "meta" device: shapes only, no memory, no initialisation.
 
 "fashion_mnist" is not one of the authors' recipes: configs/authors/fashion_mnist.py, their
 CIFAR-10 layout shrunk to the offline default's CPU budget (32 px, 1 input and 2 output
-channels, 32 x (1, 2, 2), one resnet per block, [Down, CrossAttn, CrossAttn], 8 GroupNorm
+channels, 8 x (1, 2, 2), one resnet per block, [Down, CrossAttn, CrossAttn], 8 GroupNorm
 groups, L = 64, the 32 px encoder). The head count does not change the number of parameters.
 
 Also listed: google/ddpm-ema-celebahq-256, the UNet2DModel the HQ recipe fine-tunes.
@@ -46,10 +46,10 @@ RECIPES = {
     "edges64": (64, 192, 3, 64, 256, 1, True, 2, "scale_shift", False),
     "handbags64": (64, 192, 3, 64, 256, 3, True, 2, "scale_shift", False),
     "celebahq256": (256, 128, 2, 512, 256, 3, False, -1, "default", True),
-    "fashion_mnist": (32, 32, 1, 4, 64, 1, True, -1, "scale_shift", False),
+    "fashion_mnist": (32, 8, 1, 4, 64, 1, True, -1, "scale_shift", False),
 }
 # configs/authors/fashion_mnist.py's departures from the 32 px layout below
-OVERRIDES = {"fashion_mnist": dict(block_out_channels=[32, 64, 64], norm_num_groups=8,
+OVERRIDES = {"fashion_mnist": dict(block_out_channels=[8, 16, 16], norm_num_groups=8,
                                    down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
                                    up_block_types=["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"])}
 
