@@ -36,7 +36,7 @@ from dmz_jax.model import DMZ, create_model, image_shape, variables
 from dmz_jax.networks import latent as latent_lib
 from dmz_jax.train_state import create_train_state, make_diffusion, make_optimizer
 
-PRIORS = ("bernoulli", "empirical", "learned")
+PRIORS = ("bernoulli", "empirical", "learned", "dataset")
 
 
 class NoCheckpointError(FileNotFoundError):
@@ -297,7 +297,8 @@ class Model:
 
     def prior_sample(self, n: int, prior: str = "bernoulli", seed: int = 0) -> np.ndarray:
         """n codes [n, |z|] from `prior`: bernoulli (0.5 each; N(0, I) for the Gaussian
-        latent), empirical (per-bit frequencies of the training codes) or learned."""
+        latent), empirical (per-bit frequencies of the training codes), learned, or dataset
+        (the codes of n training images drawn at random, the authors' "dataset" sampler)."""
         self._needs_latent()
         rng = jax.random.PRNGKey(seed)
         if prior == "bernoulli":
@@ -306,6 +307,9 @@ class Model:
         if prior == "empirical":
             freq = self.training_codes().mean(0)
             return np.asarray(jax.random.bernoulli(rng, freq, (n, self.latent_dim)), np.float32)
+        if prior == "dataset":  # replay: the codes of n random training images
+            codes = self.training_codes()
+            return codes[np.random.default_rng(seed).integers(0, len(codes), n)]
         if prior == "learned":
             from dmz_jax import prior as prior_lib
             params, net = prior_lib.load_prior(self.prior_path)

@@ -118,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
     s.method = "ancestral"  # ancestral | ddim
     s.eta = 0.0
     s.clip_denoised = True
-    s.prior = "bernoulli"  # z for generation: bernoulli | empirical | learned (--mode=sample)
+    s.prior = "bernoulli"  # z for generation: bernoulli | empirical | learned | dataset
     s.batch_size = 64  # images per compiled batch in the modes and the API (x devices)
     s.seed = 0  # of the modes' noise and priors
 

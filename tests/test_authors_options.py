@@ -120,3 +120,45 @@ def test_describe_counts_equal_the_authors_models_built_with_diffusers(name):
     assert groups["conditioning"] == theirs["cross_attn"]
     assert groups["encoder"] == theirs["encoder"]
     assert groups["total"] == theirs["total"]
+
+
+def test_the_dataset_prior_replays_training_codes():
+    from dmz_jax import api, sharding
+    from dmz_jax.train_state import make_diffusion
+    config = tiny_config()
+    mesh = sharding.create_mesh(devices=jax.devices()[:1])
+    m = api.Model(config, create_model(config), make_diffusion(config), None, 0, None, mesh)
+    codes = np.random.default_rng(0).integers(0, 2, (50, 8)).astype(np.float32)
+    m.training_codes = lambda: codes
+    z = m.prior_sample(200, "dataset", seed=1)
+    rows = {tuple(r) for r in codes}
+    assert z.shape == (200, 8) and all(tuple(r) in rows for r in z)
+    assert len({tuple(r) for r in z}) > 30  # draws over the training images, not one
+    assert not np.array_equal(z, m.prior_sample(200, "dataset", seed=2))
+
+
+@pytest.mark.parametrize("overrides,key,words", [
+    ({"model.conditioning": "z_concat"}, "model.conditioning", "diffusers_unet"),
+    ({"model.backbone": "diffusers_unet", "model.conditioning": "time_embedding"},
+     "model.conditioning", "z_with_t"),
+    ({"model.z_tokens": "one_hot_single", "model.latent_type": "gaussian"}, "model.z_tokens",
+     "binary"),
+    ({"model.encoder.type": "conv_bn", "model.encoder.center_examples": 0, "data.image_size": 48,
+      "model.attention_resolutions": (24,), "model.cross_attention_resolutions": (24,)},
+     "model.encoder.type", "power of two"),
+    ({"model.encoder.type": "conv_bn", "model.encoder.center_examples": 64},
+     "model.encoder.center_examples", "0"),
+    ({"model.backbone": "diffusers_unet", "model.cross_attention_resolutions": (32,)},
+     "model.cross_attention_resolutions", "attention_resolutions"),
+    ({"model.backbone": "diffusers_unet", "model.diffusers.attention_head_dim": 3},
+     "model.diffusers.attention_head_dim", "divide"),
+    ({"model.gumbel_eval": "mode"}, "model.gumbel_eval", "argmax"),
+])
+def test_option_combinations_the_networks_lack_are_refused(overrides, key, words):
+    from dmz_jax import config_checks
+    config = tiny_config()  # 32 px, attention at 16
+    config.update_from_flattened_dict(overrides)
+    with pytest.raises(config_checks.ConfigError) as error:
+        config_checks.check_config(config)
+    assert [p.key for p in error.value.problems] == [key]
+    assert words in error.value.problems[0].message
