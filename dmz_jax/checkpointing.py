@@ -55,6 +55,7 @@ RESUMABLE_KEYS = (
     "training.init_from",
     # memory and precision knobs: how the same parameters are computed, not what they are
     "model.dtype", "model.remat", "model.attention_impl", "training.grad_accum_steps",
+    "model.gumbel_eval",  # how evaluation reads Gumbel-softmax bits, not what is trained
     "sampling.", "eval.", "modes.", "mesh.", "data.data_dir", "data.debian_dir",
     "data.source", "data.download",
 )
