@@ -23,7 +23,6 @@ nothing loaded).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from typing import Any
@@ -37,20 +36,13 @@ from flax import traverse_util
 
 from dmz_jax import checkpointing, config_checks
 from dmz_jax.convert import diffusers as dconv
+from dmz_jax.metrics.inception import file_sha256
 from dmz_jax.model import create_model, image_shape
 from dmz_jax.networks.conv_bn import ConvBNEncoder
 from dmz_jax.train_state import create_train_state, make_optimizer
 
 KINDS = ("unet", "diffdecoder")
 REPORT = "convert_report.json"
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _abstract_variables(model, shape) -> dict:
@@ -175,7 +167,7 @@ def convert_to_workdir(config: ml_collections.ConfigDict, weights_path: str, kin
         report[key] = sorted(as_in_file.get(name, name) for name in report[key])
     sizes = {p: int(np.prod(v.shape))
              for p, v in traverse_util.flatten_dict(params, sep="/").items()}
-    report.update(weights=os.path.abspath(weights_path), sha256=sha256(weights_path),
+    report.update(weights=os.path.abspath(weights_path), sha256=file_sha256(weights_path),
                   kind=kind, strict=strict, seed=config.seed, fresh=fresh,
                   loaded_parameters=sum(sizes.values()) - sum(sizes.get(p, 0) for p in fresh),
                   fresh_parameters=sum(sizes.get(p, 0) for p in fresh))
