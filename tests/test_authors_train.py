@@ -26,11 +26,20 @@ def _train(config, workdir):
     return jax.device_get(state)
 
 
-@pytest.mark.slow  # two short runs of the authors' tiny network (~1 min)
-def test_authors_recipe_resumes_bit_exact_with_batch_stats_and_sampler_history(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The authors' tiny recipe trained 8 steps straight, and 4 then resumed to 8:
+    (folder of both workdirs, straight state, resumed state)."""
+    tmp_path = tmp_path_factory.mktemp("authors")
     straight = _train(_config(8), str(tmp_path / "straight"))
     _train(_config(4), str(tmp_path / "resumed"))
     resumed = _train(_config(8), str(tmp_path / "resumed"))  # restores step 4, trains to 8
+    return tmp_path, straight, resumed
+
+
+@pytest.mark.slow  # two short runs of the authors' tiny network (~1 min)
+def test_authors_recipe_resumes_bit_exact_with_batch_stats_and_sampler_history(runs):
+    tmp_path, straight, resumed = runs
     assert int(straight.step) == int(resumed.step) == 8
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(a, b)
@@ -53,8 +62,8 @@ def test_authors_recipe_resumes_bit_exact_with_batch_stats_and_sampler_history(t
     assert p.shape == (8, 8) and not np.allclose(p, p_start)
 
 
-@pytest.mark.slow  # an authors' tiny run (4 steps), its probe and NLL (~40 s)
-def test_probe_and_nll_under_the_authors_protocol(tmp_path):
+@pytest.mark.slow  # the probe and the NLL of the trained tiny run (~20 s)
+def test_probe_and_nll_under_the_authors_protocol(runs):
     """eval.protocol=authors: sklearn's plain logistic regression, 5-fold CV over train and
     test together, on the soft (off, on) pairs of one relaxed sample; NLL given soft z."""
     from sklearn.linear_model import LogisticRegression
@@ -62,9 +71,8 @@ def test_probe_and_nll_under_the_authors_protocol(tmp_path):
 
     from dmz_jax import data, evaluate
 
-    workdir = str(tmp_path / "run")
-    config = _config(4)
-    _train(config, workdir)
+    workdir = str(runs[0] / "straight")
+    config = _config(8)
     config.sampling.batch_size = 8
     config.eval.protocol = "authors"
     model = api.load(workdir, config=config)
@@ -83,6 +91,7 @@ def test_probe_and_nll_under_the_authors_protocol(tmp_path):
     # the soft codes are a draw: another seed, other codes
     assert not np.allclose(codes[:100], model.soft_codes(train["image"], seed=1))
     x = test["image"][:8]
-    soft, bits = model.soft_bits(x, seed=0), model.encode(x)
-    nll_soft, nll_bits = model.nll_bpd(x, z=soft), model.nll_bpd(x)
+    soft = model.soft_bits(x, seed=0)
+    assert 0 < soft.min() and soft.max() < 1
+    nll_soft, nll_bits = model.nll_bpd(x, z=soft), model.nll_bpd(x)  # default z: a hard draw
     assert np.all(np.isfinite(nll_soft)) and not np.allclose(nll_soft, nll_bits)
