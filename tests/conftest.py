@@ -21,7 +21,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 # The longest files first: with a file per worker (--dist loadfile) they would otherwise start
 # last and leave the other worker idle at the end of the run.
 LONG_FILES_FIRST = ("test_learning.py", "test_preemption.py", "test_multiprocess.py",
-                    "test_train.py", "test_modes.py", "test_ablations.py")
+                    "test_train.py", "test_modes.py", "test_authors_train.py",
+                    "test_ablations.py", "test_convert_workdir.py")
 
 
 def pytest_collection_modifyitems(items):
