@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from dmz_jax import api, timestep_sampler, train
+from dmz_jax import api, sharding, timestep_sampler, train
 
 
 def _config(num_steps):
@@ -15,11 +15,18 @@ def _config(num_steps):
     c.diffusion.num_timesteps = 4
     c.sampling.steps = (2,)
     c.training.update(num_steps=num_steps, checkpoint_every=4)
+    c.eval.at_end = False  # no sample grids or probe: the tests below compute what they check
     return c
 
 
+def one_device():
+    """A 1-device mesh: these tests check the recipe, not the sharding (test_train.py does),
+    and one device compiles in a third of the time of 8."""
+    return sharding.create_mesh(1, 1, jax.devices()[:1])
+
+
 def _train(config, workdir):
-    run = train.Run(config, workdir)
+    run = train.Run(config, workdir, mesh=one_device())
     state, _, preempted = train.train(run, run.initial_state())
     run.close()
     assert not preempted
@@ -37,14 +44,14 @@ def runs(tmp_path_factory):
     return tmp_path, straight, resumed
 
 
-@pytest.mark.slow  # two short runs of the authors' tiny network (~1 min)
+@pytest.mark.slow  # three short runs of the authors' tiny network (~1 min)
 def test_authors_recipe_resumes_bit_exact_with_batch_stats_and_sampler_history(runs):
     tmp_path, straight, resumed = runs
     assert int(straight.step) == int(resumed.step) == 8
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(a, b)
     # the recipe's state is really there and moved
-    fresh = train.Run(_config(8), str(tmp_path / "fresh"))
+    fresh = train.Run(_config(8), str(tmp_path / "fresh"), mesh=one_device())
     start = jax.device_get(fresh.initial_state())
     fresh.close()
     assert timestep_sampler.warmed_up(straight.t_sampler)
@@ -53,7 +60,7 @@ def test_authors_recipe_resumes_bit_exact_with_batch_stats_and_sampler_history(r
                                                     jax.tree.leaves(start.batch_stats))]
     assert all(moved)
     # api.load takes the statistics with the EMA parameters; eval-mode codes depend on them
-    model = api.load(str(tmp_path / "straight"))
+    model = api.load(str(tmp_path / "straight"), mesh=one_device())
     for a, b in zip(jax.tree.leaves(model.batch_stats), jax.tree.leaves(straight.batch_stats)):
         np.testing.assert_array_equal(a, b)
     images = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 1)).astype(np.float32)
@@ -75,7 +82,7 @@ def test_probe_and_nll_under_the_authors_protocol(runs):
     config = _config(8)
     config.sampling.batch_size = 8
     config.eval.protocol = "authors"
-    model = api.load(workdir, config=config)
+    model = api.load(workdir, config=config, mesh=one_device())
     train, test = (data.load_split(config.data, s, n) for s, n in (("train", 100), ("test", 50)))
     m = evaluate._probes(config, model, train, test)
     codes = np.concatenate([model.soft_codes(x["image"], seed=config.sampling.seed)

@@ -30,7 +30,7 @@ LEARNS = ("--config.model.binary_estimator=threshold", "--config.training.learni
 def test_training_beats_the_untrained_encoder_on_the_linear_probe(tmp_path):
     cmd = [sys.executable, "-m", "dmz_jax.main", f"--config={TINY}", f"--workdir={tmp_path}",
            *LEARNS]
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(COMPILE_CACHE),
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(COMPILE_CACHE, optimized=True),
                           capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "summary.json") as f:
