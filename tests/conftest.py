@@ -64,6 +64,29 @@ def tiny():
     return tiny_config()
 
 
+def mode_config():
+    """The tiny config with mode options small enough for CPU tests."""
+    config = tiny_config()
+    config.sampling.batch_size = 8
+    config.modes.update(num_images=4, steps=5, frames=3, prior_steps=30)
+    config.eval.update(fd_num_samples=32, fd_steps=(2,), classifier_steps=30, nll_examples=8,
+                       recon_examples=8)
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+    """A workdir trained 4 steps with mode_config() (no end-of-training evaluation), shared
+    by the files that use a trained model (once per pytest worker). The modes write their
+    folders into it (MODE, MODE.1, ...): a test that counts them must use its own mode."""
+    from dmz_jax import train
+    path = str(tmp_path_factory.mktemp("trained"))
+    config = mode_config()
+    config.eval.at_end = False
+    train.train_and_evaluate(config, path)
+    return path
+
+
 def trained_steps(workdir):
     """The steps of WORKDIR/checkpoints (unordered; [] when there is no such folder)."""
     folder = os.path.join(workdir, "checkpoints")

@@ -9,29 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
-from dmz_jax import api, checkpointing, data, evaluate, modes, sharding, train
+from conftest import ROOT, mode_config
+from dmz_jax import api, checkpointing, data, evaluate, modes, sharding
 
-
-
-def mode_config():
-    """The tiny config with mode options small enough for CPU tests."""
-    config = tiny_config()
-    config.sampling.batch_size = 8
-    config.modes.update(num_images=4, steps=5, frames=3, prior_steps=30)
-    config.eval.update(fd_num_samples=32, fd_steps=(2,), classifier_steps=30, nll_examples=8,
-                       recon_examples=8)
-    return config
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A workdir trained 4 steps with the tiny config (no end-of-training evaluation)."""
-    path = str(tmp_path_factory.mktemp("trained"))
-    config = mode_config()
-    config.eval.at_end = False
-    train.train_and_evaluate(config, path)
-    return path
+def workdir(tiny_workdir):
+    return tiny_workdir
 
 
 @pytest.fixture(scope="module")
