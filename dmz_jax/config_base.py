@@ -134,6 +134,38 @@ def base_config() -> ml_collections.ConfigDict:
     o.bits = ()  # manipulate: flip these bits (indices into z), one row each, instead
     o.prior_steps = 2000  # train_prior: optimizer steps of the bit prior
     o.prior_width = 64  # train_prior: transformer width (2 layers, 4 heads)
+    # --mode=mutual_information: MINE's Donsker-Varadhan bound on I(x_t; z) along the chain
+    o.mi = m = ml_collections.ConfigDict()
+    m.t_fractions = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)  # t / T
+    m.chains = ("forward", "reverse")  # q_sample of real images | DMZ's own ancestral chain
+    m.reverse_steps = 100  # K of the reverse chain (the authors': 100)
+    m.train_examples = 2000  # (x_t, z) pairs the critic trains on, from the train split
+    m.test_examples = 1000  # held-out pairs (test split) on which the bound is reported
+    m.steps = 2000  # critic optimizer steps per t and seed
+    m.batch_size = 64
+    m.width = 100  # critic: MLP([x_t, z] -> width -> width -> 1), the authors'
+    m.learning_rate = 1e-4
+    m.ema_rate = 0.01  # MINE's moving average of E[exp T] in the bias-corrected gradient
+    m.seeds = 3  # critics per (chain, t): the bound's spread across them is reported
+    # --mode=bits: what each bit means
+    o.per_bit = b = ml_collections.ConfigDict()
+    b.examples = 2000  # images of modes.split whose codes give means, correlations, MI
+    b.flip_images = 4  # images per bit-flip row (decoded with their own inverted x_T)
+    b.flip_bits = ()  # the bits shown flipped, one row each; (): every bit
+    # --mode=train_bridge / translate: image-to-image through a code bridge (the paper's
+    # Edges2Handbags): the source model's bits -> an MLP -> this (target) model's bits
+    o.bridge = r = ml_collections.ConfigDict()
+    r.source_workdir = ml_collections.config_dict.placeholder(str)  # the source-domain DMZ
+    r.hidden = (256, 256, 256, 256)  # Linear -> BatchNorm -> ReLU per width, the authors'
+    r.learning_rate = 1e-3
+    r.batch_size = 256
+    r.max_epochs = 100
+    r.patience = 10  # stop after this many epochs without a better validation bit accuracy
+    r.validation_fraction = 0.1  # of the training pairs, held out for early stopping
+    r.train_examples = -1  # training pairs used (-1: all)
+    r.steps = 40  # K of the translation's ancestral sampler (the authors': 40)
+    r.num_images = 16  # translate: images in the PNG grid
+    r.translate_examples = 1000  # translate: images of modes.split translated and scored
 
     c.eval = v = ml_collections.ConfigDict()
     v.probe_train_examples = 10_000

@@ -2,8 +2,9 @@
 
 Modes: train (default) trains, resuming from WORKDIR, then samples and probes; describe
 prints the parameter table without touching data or devices; evaluate, sample, encode,
-reconstruct, interpolate, manipulate and train_prior use WORKDIR's newest checkpoint (or
---checkpoint) and write WORKDIR/MODE/ (see dmz_jax/modes.py).
+reconstruct, interpolate, manipulate, train_prior, mutual_information, bits, train_bridge
+and translate use WORKDIR's newest checkpoint (or --checkpoint) and write WORKDIR/MODE/ (see
+dmz_jax/modes.py).
 Overrides: --config.training.num_steps=100 and so on (ml_collections).
 Several processes (training): --distributed on a TPU pod or under SLURM, or by hand
 --coordinator=HOST:PORT --num_processes=N --process_id=I in each of the N processes.
@@ -19,7 +20,7 @@ config_flags.DEFINE_config_file("config", None, "A config file in configs/, opti
                                 "a variant: configs/fashion_mnist.py:tiny.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs, samples and summary.json go.")
 MODES = ["train", "describe", "evaluate", "sample", "encode", "reconstruct", "interpolate",
-         "manipulate", "train_prior"]
+         "manipulate", "train_prior", "mutual_information", "bits", "train_bridge", "translate"]
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 flags.DEFINE_integer("checkpoint", None, "The step to load (modes other than train); "
                      "default: the newest.")

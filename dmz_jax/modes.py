@@ -223,5 +223,31 @@ def train_prior(config, workdir, checkpoint=None) -> str:
     return out
 
 
+def mutual_information(config, workdir, checkpoint=None) -> str:
+    """MINE's bound on I(x_t; z) along the forward and the reverse chain (modes.mi.*)."""
+    from dmz_jax import mutual_information as mi
+    return mi.run_mode(config, workdir, checkpoint)
+
+
+def bits(config, workdir, checkpoint=None) -> str:
+    """What each bit means: means, correlations, MI with the labels, flip rows (modes.per_bit.*)."""
+    from dmz_jax import bit_meaning
+    return bit_meaning.run_mode(config, workdir, checkpoint)
+
+
+def train_bridge(config, workdir, checkpoint=None) -> str:
+    """Trains the code bridge from modes.bridge.source_workdir's bits to this model's bits."""
+    from dmz_jax import bridge
+    return bridge.train_bridge_mode(config, workdir, checkpoint)
+
+
+def translate(config, workdir, checkpoint=None) -> str:
+    """Source-domain images -> source bits -> bridge -> this model's bits -> images."""
+    from dmz_jax import bridge
+    return bridge.translate_mode(config, workdir, checkpoint)
+
+
 MODES = {"sample": sample, "encode": encode, "reconstruct": reconstruct,
-         "interpolate": interpolate, "manipulate": manipulate, "train_prior": train_prior}
+         "interpolate": interpolate, "manipulate": manipulate, "train_prior": train_prior,
+         "mutual_information": mutual_information, "bits": bits,
+         "train_bridge": train_bridge, "translate": translate}
