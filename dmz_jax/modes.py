@@ -134,7 +134,7 @@ def interpolate(config, workdir, checkpoint=None) -> str:
 
 def label_names(config) -> tuple[str, ...]:
     """Names a label can take on this dataset: classes, or CelebA's attributes."""
-    if config.data.name == "fashion_mnist":
+    if config.data.name in ("fashion_mnist", "fashion_mnist_edges"):  # the same examples
         return specs.FASHION_MNIST_CLASSES
     if config.data.name == "celeb_a":
         return specs.CELEBA_ATTRIBUTES

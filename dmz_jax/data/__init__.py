@@ -1,20 +1,23 @@
-"""Datasets as numpy batches of images in [-1, 1]: fashion_mnist, cifar10, celeb_a, image_folder.
+"""Datasets as numpy batches of images in [-1, 1]: fashion_mnist, fashion_mnist_edges, cifar10,
+celeb_a, image_folder.
 
 data_cfg: config.data (dmz_jax/config_base.py), checked by the config checks. No TensorFlow at
 import: each function imports the module that reads data_cfg.name when called.
 """
 
 import importlib
+import os
 
 from dmz_jax.data.specs import DatasetInfo, DatasetNotFoundError, ImageFolderError
 
 __all__ = ["DatasetInfo", "DatasetNotFoundError", "ImageFolderError", "dataset_info",
-           "train_iterator", "load_split"]
+           "train_iterator", "load_split", "split_batches", "pairing_keys"]
 
 
 def _source(data_cfg):
     """The module that reads data_cfg.name (tfds_source for cifar10 and celeb_a)."""
-    module = data_cfg.name if data_cfg.name in ("fashion_mnist", "image_folder") else "tfds_source"
+    own = ("fashion_mnist", "fashion_mnist_edges", "image_folder")
+    module = data_cfg.name if data_cfg.name in own else "tfds_source"
     return importlib.import_module(f"dmz_jax.data.{module}")
 
 
@@ -50,3 +53,30 @@ def load_split(data_cfg, split: str, max_examples=None) -> dict:
     process; no augmentation. Returns numpy arrays as a train_iterator batch, N of them."""
     from dmz_jax.data import pipeline
     return pipeline.load_split(_source(data_cfg), data_cfg, split, max_examples)
+
+
+def split_batches(data_cfg, split: str, max_examples=None, batch_size: int = 4096):
+    """load_split in pieces, for splits too large to hold decoded: an iterator of dicts as
+    load_split returns, of at most batch_size rows each, the same rows in the same order."""
+    from dmz_jax.data import pipeline
+    return pipeline.split_batches(_source(data_cfg), data_cfg, split, max_examples, batch_size)
+
+
+def pairing_keys(data_cfg, split: str):
+    """A key per example of `split` [N], in load_split's order, without decoding any image: the
+    file's path under data.image_dir (image_folder), else the label. Datasets whose row i
+    shows the same object (Edges2Handbags' halves split by tools/split_edges2handbags.py;
+    fashion_mnist and fashion_mnist_edges) have equal keys; N is the split's size."""
+    import numpy as np
+    from dmz_jax.data import pipeline, specs
+    if split not in specs.SPLITS[data_cfg.name]:
+        raise ValueError(f"Unknown split {split!r} for {data_cfg.name}")
+    if data_cfg.name == "image_folder":
+        from dmz_jax.data import image_folder
+        root = os.path.abspath(os.path.expanduser(data_cfg.image_dir))
+        files = image_folder.scan(data_cfg).split(split)[0]
+        return np.array([os.path.relpath(f, root) for f in files], dtype=str)
+    labels = _source(data_cfg).examples(data_cfg, split).map(
+        lambda ex: ex["label"], num_parallel_calls=pipeline.AUTOTUNE)
+    parts = list(labels.batch(65536).as_numpy_iterator())
+    return np.concatenate(parts) if parts else np.zeros((0,), np.int32)

@@ -99,15 +99,26 @@ def train_iterator(source, data_cfg, *, batch_size: int, seed: int, process_inde
     return ds.as_numpy_iterator()
 
 
-def load_split(source, data_cfg, split: str, max_examples=None) -> dict:
-    """See dmz_jax.data.load_split; `source` is the module that reads data_cfg.name."""
+def _split_examples(source, data_cfg, split: str, max_examples=None) -> tf.data.Dataset:
+    """The first max_examples (None: all) examples of `split`, decoded, in a fixed order."""
     if split not in specs.SPLITS[data_cfg.name]:
         raise ValueError(f"Unknown split {split!r} for {data_cfg.name}; expected one of "
                          f"{list(specs.SPLITS[data_cfg.name])}.")
     ds = source.examples(data_cfg, split)
     if max_examples is not None:
         ds = ds.take(max_examples)
-    ds = ds.map(source.example_fn(data_cfg), num_parallel_calls=AUTOTUNE)
+    return ds.map(source.example_fn(data_cfg), num_parallel_calls=AUTOTUNE)
+
+
+def split_batches(source, data_cfg, split: str, max_examples=None, batch_size: int = 4096):
+    """See dmz_jax.data.split_batches; `source` is the module that reads data_cfg.name."""
+    ds = _split_examples(source, data_cfg, split, max_examples)
+    return ds.batch(int(batch_size)).prefetch(2).as_numpy_iterator()
+
+
+def load_split(source, data_cfg, split: str, max_examples=None) -> dict:
+    """See dmz_jax.data.load_split; `source` is the module that reads data_cfg.name."""
+    ds = _split_examples(source, data_cfg, split, max_examples)
     batches = list(ds.batch(1024).prefetch(2).as_numpy_iterator())
     if not batches:
         return {k: np.zeros((0, *s.shape), s.dtype.as_numpy_dtype)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-DATASET_NAMES = ("fashion_mnist", "cifar10", "celeb_a", "image_folder")
-FASHION_SOURCES = ("auto", "tfds", "debian", "bundled")  # data.source, fashion_mnist only
+DATASET_NAMES = ("fashion_mnist", "fashion_mnist_edges", "cifar10", "celeb_a", "image_folder")
+FASHION_SOURCES = ("auto", "tfds", "debian", "bundled")  # data.source, fashion_mnist(_edges)
 BAD_IMAGE_POLICIES = ("skip", "error")  # data.bad_images, image_folder only
 WRONG_SIZE_POLICIES = ("resize", "skip", "error")  # data.wrong_size, image_folder only
 
@@ -39,6 +39,9 @@ class DatasetSpec:
 SPECS = {
     "fashion_mnist": DatasetSpec("fashion_mnist", (28, 28, 1), 10,
                                  {"train": 60_000, "test": 10_000}, min_image_size=28),
+    # the same images, each replaced by its edge map (dmz_jax/data/fashion_mnist_edges.py)
+    "fashion_mnist_edges": DatasetSpec("fashion_mnist", (28, 28, 1), 10,
+                                       {"train": 60_000, "test": 10_000}, min_image_size=28),
     "cifar10": DatasetSpec("cifar10", (32, 32, 3), 10, {"train": 50_000, "test": 10_000}),
     "celeb_a": DatasetSpec("celeb_a", (218, 178, 3), 0,
                            {"train": 162_770, "validation": 19_867, "test": 19_962}),

@@ -72,7 +72,7 @@ def example_fn(data_cfg):
 
     def fn(ex):
         image = ex["image"]
-        if name == "fashion_mnist":
+        if name in ("fashion_mnist", "fashion_mnist_edges"):  # edges: filtered after this
             image = pipeline.to_unit_range(image)
             h, w = int(image.shape[0]), int(image.shape[1])
             top, left = (size - h) // 2, (size - w) // 2
