@@ -297,16 +297,21 @@ class Model:
 
     def prior_sample(self, n: int, prior: str = "bernoulli", seed: int = 0) -> np.ndarray:
         """n codes [n, |z|] from `prior`: bernoulli (0.5 each; N(0, I) for the Gaussian
-        latent), empirical (per-bit frequencies of the training codes), learned, or dataset
+        latent), empirical (per-bit frequencies of the training codes; for the Gaussian latent
+        a normal per dimension with the codes' mean and std), learned, or dataset
         (the codes of n training images drawn at random, the authors' "dataset" sampler)."""
         self._needs_latent()
         rng = jax.random.PRNGKey(seed)
         if prior == "bernoulli":
             kind = latent_lib.get_latent_type(self.model.latent_type)
             return np.asarray(kind.prior(rng, n, self.latent_dim))
-        if prior == "empirical":
-            freq = self.training_codes().mean(0)
-            return np.asarray(jax.random.bernoulli(rng, freq, (n, self.latent_dim)), np.float32)
+        if prior == "empirical":  # factorised: per-bit frequencies, or per-dimension normals
+            codes = self.training_codes()
+            if self.model.latent_type == "binary":
+                return np.asarray(jax.random.bernoulli(rng, codes.mean(0), (n, self.latent_dim)),
+                                  np.float32)
+            noise = jax.random.normal(rng, (n, self.latent_dim))
+            return np.asarray(codes.mean(0) + codes.std(0) * noise, np.float32)
         if prior == "dataset":  # replay: the codes of n random training images
             codes = self.training_codes()
             return codes[np.random.default_rng(seed).integers(0, len(codes), n)]

@@ -225,3 +225,20 @@ def test_manipulate_at_scale_zero_is_the_inverted_reconstruction(workdir):
     config.modes.bits = (8,)
     with pytest.raises(modes.ModeError, match="not in 0..7"):
         modes.manipulate(config, workdir)
+
+
+def test_empirical_prior_of_a_gaussian_latent_is_a_normal_per_dimension(monkeypatch):
+    """Gaussian codes: the empirical prior draws N(mean, std) per dimension of the training
+    codes (it drew Bernoulli bits from real-valued means before)."""
+    from dmz_jax.model import create_model
+    from dmz_jax.train_state import make_diffusion
+    config = mode_config()
+    config.model.latent_type = "gaussian"
+    model = api.Model(config, create_model(config), make_diffusion(config), None, 0, None,
+                      sharding.create_mesh(1, 1, jax.devices()[:1]))
+    codes = np.random.default_rng(0).normal([3.0, -1.0] * 4, [0.5, 2.0] * 4, (4000, 8))
+    monkeypatch.setattr(model, "training_codes", lambda: codes)
+    z = model.prior_sample(20_000, "empirical", seed=3)
+    assert z.shape == (20_000, 8) and len(np.unique(z)) > 1000  # real values, not bits
+    np.testing.assert_allclose(z.mean(0), codes.mean(0), atol=0.05)
+    np.testing.assert_allclose(z.std(0), codes.std(0), rtol=0.03)
