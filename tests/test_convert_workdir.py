@@ -268,9 +268,7 @@ def test_a_run_with_init_from_starts_from_the_converted_weights(weights, tmp_pat
     out = str(tmp_path / "converted")
     report = convert_to_workdir(config, weights, "unet", out, strict=False)
     one_device = sharding.create_mesh(1, 1, jax.devices()[:1])
-    scratch = train.Run(config, str(tmp_path / "scratch"), mesh=one_device)
-    new = jax.device_get(scratch.initial_state())
-    scratch.close()
+    new = new_run(config)  # as a run from scratch starts (the converter's compiled init)
     config.training.init_from = out
     run = train.Run(config, str(tmp_path / "tuned"), mesh=one_device)
     start = jax.device_get(run.initial_state())
