@@ -486,8 +486,13 @@ def translate_mode(config, workdir: str, checkpoint: Optional[int] = None) -> st
     metrics.json (MSE, PSNR, SSIM against the paired target images, FD, the bridge's bit
     accuracy on these pairs) into WORKDIR/translate (or .1, ...). Returns that folder."""
     from dmz_jax import data, images, modes
-    target, source, model, variables, meta = _load_translation_models(config, workdir, checkpoint)
     o, split = config.modes.bridge, config.modes.split
+    if o.source_dir and not epath.Path(o.source_dir).is_dir():
+        raise _mode_error(f"modes.bridge.source_dir={o.source_dir!r} is not a folder; give a "
+                          "folder of source-domain images, or unset it to translate modes.split")
+    target, source, model, variables, meta = _load_translation_models(config, workdir, checkpoint)
+    if o.source_dir:
+        return _translate_folder(config, workdir, target, source, model, variables, meta)
     size = check_paired(source.config.data, config.data, split)
     n = min(o.translate_examples, size)
     if not n:
@@ -513,5 +518,43 @@ def translate_mode(config, workdir: str, checkpoint: Optional[int] = None) -> st
                "step": target.step, "source_workdir": source.workdir,
                "source_step": source.step, "bridge_best_epoch": meta["best_epoch"],
                "z_source": meta["z_source"], "z_target": meta["z_target"]}
+    modes._write_json(os.path.join(out, "metrics.json"), metrics)
+    return out
+
+
+def folder_data(data_cfg, folder: str):
+    """A copy of data_cfg (the source model's geometry: size, channels, crop) reading every
+    image of `folder` as its "train" split (data.name image_folder, no test split)."""
+    import ml_collections
+    cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+    cfg.update(name="image_folder", image_dir=str(folder), test_fraction=0.0)
+    return cfg
+
+
+def _translate_folder(config, workdir, target, source, model, variables, meta) -> str:
+    """--mode=translate with modes.bridge.source_dir: its first translate_examples images
+    (unpaired, no ground truth) -> translations.npz, source_translation.png (rows: source /
+    translation) and metrics.json (FD and counts; no paired metrics)."""
+    from dmz_jax import data, images, modes
+    o = config.modes.bridge
+    x_source = data.load_split(folder_data(source.config.data, o.source_dir), "train",
+                               o.translate_examples)["image"]
+    if not len(x_source):
+        raise _mode_error(f"modes.bridge.source_dir={o.source_dir!r} holds no readable image")
+    out = modes.output_dir(workdir, "translate")
+    _write_config(out, config, target, source)
+    bits = map_bits(model, variables, source.encode(x_source))
+    y = target.decode(bits, steps=o.steps, method="ancestral", seed=config.sampling.seed)
+    modes._write_npz(os.path.join(out, "translations.npz"), translations=images.to_uint8(y),
+                     bits=bits.astype(np.uint8))
+    shown = min(o.num_images, len(y))
+    modes._grid(os.path.join(out, "source_translation.png"),
+                [to_domain(x_source[:shown], y.shape[1:]), y[:shown]])
+    metrics = {"paired": False, "paired_note": "a folder of source images has no ground "
+               "truth: no MSE/PSNR/SSIM", "source_dir": str(o.source_dir),
+               **frechet_metrics(config, y), "num_translations": len(y), "steps": o.steps,
+               "sampler": "ancestral", "step": target.step, "source_workdir": source.workdir,
+               "source_step": source.step, "z_source": meta["z_source"],
+               "z_target": meta["z_target"]}
     modes._write_json(os.path.join(out, "metrics.json"), metrics)
     return out

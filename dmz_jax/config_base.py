@@ -166,6 +166,9 @@ def base_config() -> ml_collections.ConfigDict:
     r.steps = 40  # K of the translation's ancestral sampler (the authors': 40)
     r.num_images = 16  # translate: images in the PNG grid
     r.translate_examples = 1000  # translate: images of modes.split translated and scored
+    # translate: a folder of source-domain images (unpaired: translations, grid and FD, no
+    # paired metrics) instead of modes.split of the source model's dataset
+    r.source_dir = ml_collections.config_dict.placeholder(str)
 
     c.eval = v = ml_collections.ConfigDict()
     v.probe_train_examples = 10_000

@@ -221,6 +221,30 @@ def test_train_bridge_then_translate(source_workdir, target_workdir, tmp_path):
     with pytest.raises(modes.ModeError, match=r"source model .* \|z\|=8 but the bridge"):
         bridge.translate_mode(_bridge_config(other), target_workdir)
 
+    # a folder of source images, unpaired: translations, grid, FD; no paired metrics
+    import tensorflow as tf
+    folder = tmp_path / "edges"
+    folder.mkdir()
+    edges = data.load_split(_source_config().data, "test", 3)["image"]
+    for i, image in enumerate(images.to_uint8(edges)):
+        (folder / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    config = _bridge_config(None)
+    config.modes.bridge.source_dir = str(tmp_path / "missing")
+    with pytest.raises(modes.ModeError, match="is not a folder"):
+        bridge.translate_mode(config, target_workdir)
+    config.modes.bridge.source_dir = str(folder)
+    out = bridge.translate_mode(config, target_workdir)
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["paired"] is False and "psnr" not in m and m["num_translations"] == 3
+    assert np.isfinite(m["fd"])
+    npz = np.load(os.path.join(out, "translations.npz"))
+    assert npz["translations"].shape == (3, 32, 32, 1)
+    # the folder's images are the test edges: the same bits as translating the split
+    paired = np.load(os.path.join(target_workdir, "translate", "translations.npz"))["bits"]
+    assert sorted(map(tuple, npz["bits"])) == sorted(map(tuple, paired[:3]))  # any order
+    assert images_png(os.path.join(out, "source_translation.png")).shape == (2 * 34 + 2,
+                                                                             3 * 34 + 2, 1)
+
 
 def images_png(path):
     import tensorflow as tf
