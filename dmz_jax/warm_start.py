@@ -28,16 +28,30 @@ class IncompatibleInitError(checkpointing.ConfigMismatchError):
     """training.init_from names no checkpoint, or one whose parameters do not fit."""
 
 
+def committed_steps(folder: epath.Path) -> list[int]:
+    """The steps that orbax finalized in `folder` (a WORKDIR/checkpoints), ascending.
+
+    Asked of orbax (ocp.step), not read off the folder names: a step being written is
+    `<step>.orbax-checkpoint-tmp-*` on a local disk, but `<step>` without its
+    commit_success.txt on GCS, where a listing would take it for a finished one."""
+    return sorted(int(path.name) for path in ocp.step.checkpoint_steps_paths(folder)
+                  if path.name.isdigit())
+
+
 def newest_state_dir(workdir: str) -> epath.Path:
-    """WORKDIR/checkpoints/<newest step>/state; IncompatibleInitError when there is none."""
+    """WORKDIR/checkpoints/<newest committed step>/state; IncompatibleInitError when none.
+
+    A committed step without its state/ item (a damaged copy) is skipped with a warning."""
     folder = epath.Path(checkpointing.checkpoint_dir(workdir))
-    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) \
-        if folder.is_dir() else []
-    if not steps:
-        raise IncompatibleInitError(
-            f"training.init_from={workdir!r} holds no checkpoint (no {folder}/<step>/ "
-            "folder): give the --workdir of a run that has saved one.")
-    return folder / str(steps[-1]) / "state"
+    for step in reversed(committed_steps(folder)):
+        state_dir = folder / str(step) / "state"
+        if state_dir.is_dir():
+            return state_dir
+        logging.warning("training.init_from: %s has no state/ item; trying an older step.",
+                        folder / str(step))
+    raise IncompatibleInitError(
+        f"training.init_from={workdir!r} holds no checkpoint (no committed "
+        f"{folder}/<step>/ with a state/ item): give the --workdir of a run that has saved one.")
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:

@@ -1,7 +1,8 @@
 """The ablation report: tables, plots and a verdict per claim, from stored results only.
 
 `write_report(grid, results, path, command)` renders `results` ({(variant, seed):
-ablation.json}) into a Markdown file and a folder of PNGs beside it (PATH without ".md").
+ablation.json}) into a Markdown file and a folder of PNGs beside it (PATH without ".md"); PATH
+and the sample grids it copies may be local or gs:// (etils.epath).
 Nothing here measures anything, so the same results always give the same report.
 
 Verdict rule: "A beats B" is *resolved* only when every seed of A beats every seed of B (the
@@ -11,11 +12,11 @@ within the seed spread and the claim is *not resolved at this budget*.
 
 from __future__ import annotations
 
-import os
-import shutil
+import io
 from typing import Callable, Optional
 
 import numpy as np
+from etils import epath
 
 HOLDS, FAILS, OPEN, NOT_RUN = ("holds", "does not hold", "not resolved at this budget",
                                "not run in this grid")
@@ -256,7 +257,7 @@ def claim_convergence(results, curve_k: int):
 # --- plots
 
 
-def _plot_fd_vs_k(results, grid, path: str) -> None:
+def _plot_fd_vs_k(results, grid, path: epath.Path) -> None:
     import matplotlib.pyplot as plt
     steps = list(grid["protocol"]["fd_steps"])
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -274,7 +275,7 @@ def _plot_fd_vs_k(results, grid, path: str) -> None:
     _save(fig, path)
 
 
-def _plot_latent_size(results, grid, path: str) -> None:
+def _plot_latent_size(results, grid, path: epath.Path) -> None:
     import matplotlib.pyplot as plt
     sweep = _sweep(results, grid["protocol"].get("prior_variants", ()))
     if len(sweep) < 2:
@@ -296,7 +297,7 @@ def _plot_latent_size(results, grid, path: str) -> None:
     _save(fig, path)
 
 
-def _plot_training(results, grid, path: str) -> None:
+def _plot_training(results, grid, path: epath.Path) -> None:
     import matplotlib.pyplot as plt
     k = grid["protocol"].get("curve_steps")
     variants = [v for v in grid["protocol"].get("curve_variants", ())
@@ -330,11 +331,13 @@ def _errorbar(ax, xs, values: list[list], label: str) -> None:
                     yerr=[np.std(v) for _, v in points], fmt="-o", capsize=3, label=label)
 
 
-def _save(fig, path: str) -> None:
+def _save(fig, path: epath.Path) -> None:
     import matplotlib.pyplot as plt
     fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})  # same results, same bytes
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})  # same bytes
     plt.close(fig)
+    path.write_bytes(buffer.getvalue())
 
 
 # --- the report
@@ -359,9 +362,10 @@ def _runs_table(results, grid) -> list[str]:
 
 def write_report(grid: dict, results: dict, path: str, command: str) -> None:
     """Writes the Markdown report at `path` and its PNGs in PATH-without-.md/."""
-    assets = os.path.splitext(path)[0]
-    os.makedirs(assets, exist_ok=True)
-    rel = os.path.relpath(assets, os.path.dirname(os.path.abspath(path)) or ".")
+    path = epath.Path(path)
+    assets = path.parent / path.stem  # beside the report: linked as STEM/NAME.png
+    assets.mkdir(parents=True, exist_ok=True)
+    rel = assets.name
     p = grid["protocol"]
     steps = list(p["fd_steps"])
     expected = [(v, s) for s in grid["seeds"] for v in grid["variants"]]
@@ -406,23 +410,22 @@ def write_report(grid: dict, results: dict, path: str, command: str) -> None:
     for n, lines, verdict in sections:
         out += [f"## Claim {n}", "", f"> {CLAIMS[n]}", ""] + lines + [
             "", f"**Verdict: {verdict}.**", ""]
-    _plot_fd_vs_k(results, grid, os.path.join(assets, "fd_vs_k.png"))
-    _plot_latent_size(results, grid, os.path.join(assets, "latent_size.png"))
-    _plot_training(results, grid, os.path.join(assets, "training.png"))
+    _plot_fd_vs_k(results, grid, assets / "fd_vs_k.png")
+    _plot_latent_size(results, grid, assets / "latent_size.png")
+    _plot_training(results, grid, assets / "training.png")
     out += ["## Plots", ""]
     for name, caption in (("fd_vs_k", "FD against K per variant (error bars: SD over seeds)"),
                           ("latent_size", "probe accuracy and FD against |z|"),
                           ("training", "FD and test NLL along training")):
-        if os.path.exists(os.path.join(assets, f"{name}.png")):
+        if (assets / f"{name}.png").exists():
             out += [f"![{caption}]({rel}/{name}.png)", "", f"*{caption}.*", ""]
     out += ["## Samples (seed 0, z from the prior, first K of the sample grids)", ""]
     for v in grid["variants"]:
         first = results.get((v, grid["seeds"][0]))
-        copy = os.path.join(assets, f"samples_{v}.png")
-        if first and first.get("samples") and os.path.exists(first["samples"][0]):
-            shutil.copyfile(first["samples"][0], copy)
-        if first and os.path.exists(copy):  # kept from an earlier report when the run is gone
+        copy = assets / f"samples_{v}.png"
+        if first and first.get("samples") and epath.Path(first["samples"][0]).exists():
+            copy.write_bytes(epath.Path(first["samples"][0]).read_bytes())
+        if first and copy.exists():  # kept from an earlier report when the run is gone
             out += [f"`{v}`: ![samples of {v}]({rel}/samples_{v}.png)", ""]
     out += ["## Runs", ""] + _runs_table(results, grid) + [""]
-    with open(path, "w") as f:
-        f.write("\n".join(out))
+    path.write_text("\n".join(out))

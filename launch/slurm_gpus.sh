@@ -18,18 +18,28 @@
 # only); TASKS_PER=gpu runs one process per GPU (JAX picks GPU SLURM_LOCALID). Either way every
 # task must see all the GPUs of its node: add no --gpus-per-task or --gpu-bind.
 # training.batch_size must be divisible by the number of GPUs and of processes.
-# SLURM sends SIGTERM 120 s before the time limit: the run checkpoints and exits 0; submitting
-# the same command again resumes it.
+# Requeue: SLURM sends SIGTERM 120 s before the time limit (and on preemption); the run writes a
+# checkpoint and exits 75. When the job step ends with 75, or 76 (a process of the job was
+# lost: a node failed or was killed), the job asks SLURM to requeue it (scontrol requeue; the
+# job is submitted with --requeue), at most MAX_RESTARTS times (SLURM_RESTART_COUNT counts
+# them), and the requeued job resumes from the newest checkpoint. The job log is appended to
+# (--open-mode=append), not overwritten, by a requeued run. srun reports the highest exit
+# status of its tasks and does not kill the other tasks when one fails (--kill-on-bad-exit=0:
+# a preempted task's exit 75 must not kill the others while they finish their checkpoint); a
+# task that crashes makes the others exit 76 within JAX's heartbeat timeout + 60 s.
 #
 # Environment:
 #   NODES, GPUS_PER_NODE  the job's size (needed to submit; inside a job GPUS_PER_NODE defaults
 #                         to SLURM_GPUS_ON_NODE)
 #   TASKS_PER             node (default) or gpu
 #   PYTHON                the python on the nodes (default python)
+#   MAX_RESTARTS          requeues after exit 75 or 76 (default 3; 0: never)
 #   EXTRA_SBATCH          more sbatch options, split at spaces: "--partition=gpu --time=24:00:00"
 #   DRY_RUN=1             the same as --dry-run
 #SBATCH --ntasks-per-node=1
 #SBATCH --signal=TERM@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
 set -euo pipefail
 
 USAGE='Usage: NODES=N GPUS_PER_NODE=G launch/slurm_gpus.sh [--dry-run] CONFIG WORKDIR [FLAGS...]
@@ -69,12 +79,13 @@ shift 2
 TASKS_PER=${TASKS_PER:-node}
 [[ $TASKS_PER == node || $TASKS_PER == gpu ]] || die "TASKS_PER must be node or gpu, not '$TASKS_PER'"
 PYTHON=${PYTHON:-python}
+[[ ${MAX_RESTARTS:=3} =~ ^[0-9]+$ ]] || die "MAX_RESTARTS must be a number, not '$MAX_RESTARTS'"
 IN_JOB=${SLURM_JOB_ID:+1}
 if [[ -n $IN_JOB ]]; then G=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}; else G=${GPUS_PER_NODE:-}; fi
 [[ $G =~ ^[1-9][0-9]*$ ]] || die "set GPUS_PER_NODE to the number of GPUs of each node (a number)"
 
 train() {  # the job step: one process per node or per GPU, on every node of the allocation
-  local step=(srun --kill-on-bad-exit=1)
+  local step=(srun --kill-on-bad-exit=0)
   if [[ $TASKS_PER == node ]]; then
     local ids=0 i
     for ((i = 1; i < G; i++)); do ids+=,$i; done
@@ -85,12 +96,33 @@ train() {  # the job step: one process per node or per GPU, on every node of the
   run "${step[@]}" "$PYTHON" -m dmz_jax.main --distributed --config="$CONFIG" --workdir="$WORKDIR" "$@"
 }
 
-if [[ -n $IN_JOB ]]; then train "$@"; exit; fi
+EXIT_PREEMPTED=75  # dmz_jax.preemption.EXIT_PREEMPTED: stopped by a signal, checkpoint written
+EXIT_PEER_LOST=76  # dmz_jax.preemption.EXIT_PEER_LOST: another process of the job was lost
+requeue_or_exit() {  # after the job step ended with $1: requeue this job on 75 or 76, or exit
+  local rc=$1 done=${SLURM_RESTART_COUNT:-0}
+  if [[ $rc != "$EXIT_PREEMPTED" && $rc != "$EXIT_PEER_LOST" ]]; then exit "$rc"; fi
+  if ((done >= MAX_RESTARTS)); then
+    echo "slurm_gpus.sh: training exited $rc after $done requeue(s) (MAX_RESTARTS); submit" \
+      "the same command again to resume from the last checkpoint" >&2
+    exit "$rc"
+  fi
+  echo "slurm_gpus.sh: training exited $rc; requeue $((done + 1)) of $MAX_RESTARTS" >&2
+  if run scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
+  echo "slurm_gpus.sh: scontrol requeue failed; submit the same command again to resume" >&2
+  exit "$rc"
+}
+
+if [[ -n $IN_JOB ]]; then
+  rc=0
+  train "$@" || rc=$?
+  requeue_or_exit "$rc"
+fi
 
 [[ ${NODES:-} =~ ^[1-9][0-9]*$ ]] || die "set NODES to the number of nodes (a number)"
 if [[ $TASKS_PER == node ]]; then T=1; else T=$G; fi
 read -ra EXTRA <<< "${EXTRA_SBATCH:-}"
 run sbatch --job-name=dmz_jax --nodes="$NODES" --gpus-per-node="$G" --ntasks-per-node="$T" \
-  --signal=TERM@120 --export="ALL,GPUS_PER_NODE=$G,TASKS_PER=$TASKS_PER,PYTHON=$PYTHON" \
+  --signal=TERM@120 --requeue --open-mode=append \
+  --export="ALL,GPUS_PER_NODE=$G,TASKS_PER=$TASKS_PER,PYTHON=$PYTHON,MAX_RESTARTS=$MAX_RESTARTS" \
   ${EXTRA[@]+"${EXTRA[@]}"} "${BASH_SOURCE[0]}" "$CONFIG" "$WORKDIR" "$@"
 if [[ $DRY_RUN == 1 ]]; then train "$@"; fi

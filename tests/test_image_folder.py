@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from dmz_jax import config_base, data
 from dmz_jax.data import image_folder as imf
+from fake_gcs import fake_gcs
 
 SIZE = 16
 GRAY_VALUE = 100
@@ -141,6 +142,23 @@ def test_labels_from_first_level_subfolders(folder):
     for path, label in zip(report.files, report.labels):
         assert label == ("cats", "dogs").index(os.path.relpath(path, folder).split(os.sep)[0])
     assert report.labels.count(0) == 7 and report.labels.count(1) == 8  # rgba.png is deeper
+
+
+def test_scan_of_a_gs_folder_matches_the_local_scan(folder, tmp_path):
+    """data.image_dir=gs://... (the celebahq256 data path): listed and decoded through epath,
+    the same files, labels, split and verdicts as the same folder on disk."""
+    local = scan(cfg_for(folder))
+    shutil.copytree(folder, tmp_path / "gcs" / "bucket" / "images")
+    with fake_gcs(tmp_path / "gcs"):
+        remote = scan(cfg_for("gs://bucket/images/"))
+        with pytest.raises(data.DatasetNotFoundError, match="gs://bucket/absent does not exist"):
+            scan(cfg_for("gs://bucket/absent"))
+    assert remote.image_dir == "gs://bucket/images"
+    assert remote.files == tuple(f.replace(str(folder), "gs://bucket/images")
+                                 for f in local.files)
+    assert (remote.labels, remote.is_test, remote.class_names, remote.counts) == (
+        local.labels, local.is_test, local.class_names, local.counts)
+    assert {os.path.basename(p) for p, _ in remote.skipped} == {"corrupt.png", "truncated.png"}
 
 
 def test_no_subfolders_means_label_zero_and_root_files_skipped_otherwise(folder, tmp_path):

@@ -31,6 +31,7 @@ import re
 from typing import Any, Mapping, Optional
 
 import numpy as np
+from etils import epath
 
 # Containers that diffusers (torch.nn.ModuleList / Sequential) indexes with ".<i>".
 _LIST_NAMES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers",
@@ -51,7 +52,7 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:  # local or gs://
         raw = f.read(8)
         if len(raw) != 8:
             raise ValueError(f"{path}: too short for a safetensors file")
@@ -88,7 +89,7 @@ def load_state_dict(path: str, prefix: str = "") -> dict[str, np.ndarray]:
     with `python tools/torch_to_npz.py CHECKPOINT OUT.npz` (in an environment with torch)."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npz":
-        with np.load(path, allow_pickle=False) as z:
+        with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as z:
             sd = {k: z[k] for k in z.files}
         sd = {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
               for k, v in sd.items()}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Any
 
 import jax
@@ -140,7 +139,7 @@ def convert_to_workdir(config: ml_collections.ConfigDict, weights_path: str, kin
     if kind == "diffdecoder" and not strict:
         raise ValueError("--strict=false applies to --kind=unet: a DiffDecoder is converted "
                          "whole")
-    if not os.path.isfile(weights_path):
+    if not epath.Path(weights_path).is_file():
         raise FileNotFoundError(f"no weights file {weights_path}")
     config_checks.check_config(config)
     model = create_model(config)
@@ -167,7 +166,8 @@ def convert_to_workdir(config: ml_collections.ConfigDict, weights_path: str, kin
         report[key] = sorted(as_in_file.get(name, name) for name in report[key])
     sizes = {p: int(np.prod(v.shape))
              for p, v in traverse_util.flatten_dict(params, sep="/").items()}
-    report.update(weights=os.path.abspath(weights_path), sha256=file_sha256(weights_path),
+    report.update(weights=str(checkpointing.absolute(weights_path)),
+                  sha256=file_sha256(weights_path),
                   kind=kind, strict=strict, seed=config.seed, fresh=fresh,
                   loaded_parameters=sum(sizes.values()) - sum(sizes.get(p, 0) for p in fresh),
                   fresh_parameters=sum(sizes.get(p, 0) for p in fresh))

@@ -7,6 +7,7 @@
   "bundled": specs.BUNDLED_PATH, the first 10000 train / 2000 test examples.
 """
 
+import errno
 import functools
 import gzip
 import logging
@@ -14,6 +15,8 @@ import math
 import os
 import struct
 import zlib
+
+from etils import epath
 
 from dmz_jax.data import instructions, specs, tfds_source  # before TF: hides the GPUs
 
@@ -33,10 +36,13 @@ class IdxFormatError(ValueError):
 def read_idx(path: str, header_only: bool = False):
     """Gzipped IDX unsigned-byte file -> uint8 array shaped as its header says.
 
-    header_only: return the shape, reading ~20 bytes. Raises FileNotFoundError, IdxFormatError.
+    header_only: return the shape, reading ~20 bytes. `path` may be local or gs://. Raises
+    FileNotFoundError (its filename: `path`), IdxFormatError.
     """
+    if not epath.Path(path).is_file():
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
     try:
-        with gzip.open(path, "rb") as f:
+        with epath.Path(path).open("rb") as raw_file, gzip.GzipFile(fileobj=raw_file) as f:
             raw = f.read(20 if header_only else -1)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise IdxFormatError(f"{path}: cannot decompress ({e}); the file is corrupt or "
@@ -78,7 +84,7 @@ def _arrays(source: str, path: str) -> dict:
     if source == "debian":
         return {f"{split}_{kind}": array for split in specs.IDX_FILES
                 for kind, array in zip(("images", "labels"), read_split(path, split))}
-    with np.load(path) as f:
+    with epath.Path(path).open("rb") as raw, np.load(raw) as f:
         return {k: f[k] for k in f.files}
 
 
@@ -108,7 +114,7 @@ def _try_debian(data_cfg, auto):
 
 
 def _try_bundled(data_cfg, auto):
-    if not os.path.isfile(specs.BUNDLED_PATH):
+    if not epath.Path(specs.BUNDLED_PATH).is_file():
         raise _Unavailable(f"bundled: {specs.BUNDLED_PATH} not found")
     return None, len(_arrays("bundled", specs.BUNDLED_PATH)["train_labels"])
 

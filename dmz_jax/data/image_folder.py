@@ -7,6 +7,8 @@ with split_seed are "test", whatever the policies. `scan` decodes every file onc
 data.bad_images (undecodable, or wrong channels without convert_channels), convert_channels
 (alpha on black; gray -> RGB; RGB -> luma 0.299 R + 0.587 G + 0.114 B) and wrong_size
 ("resize": centre square crop, bilinear antialias resize); "error" raises ImageFolderError.
+data.image_dir may be local or gs://BUCKET/... (listed and read through etils.epath; tf.data
+reads the files with tf.io.read_file, which knows gs:// too).
 """
 
 import collections
@@ -15,6 +17,8 @@ import functools
 import logging
 import os
 import re
+
+from etils import epath
 
 from dmz_jax.data import pipeline  # first: hides the GPUs from TensorFlow
 from dmz_jax.data.specs import (IMAGE_EXTENSIONS, DatasetInfo, DatasetNotFoundError,
@@ -68,10 +72,12 @@ def _verdict(path: str, cfg) -> tuple[str, str, list]:
     """(skip kind, reason, []) for a file to skip; ("", "", fixes) for a usable one."""
     size, channels = int(cfg.image_size), int(cfg.channels)
     try:
-        h, w, c = tf.io.decode_image(tf.io.read_file(path), channels=0, dtype=tf.uint8,
-                                     expand_animations=False).shape
+        h, w, c = tf.io.decode_image(epath.Path(path).read_bytes(), channels=0,
+                                     dtype=tf.uint8, expand_animations=False).shape
     except tf.errors.OpError as e:
         kind, reason = "corrupt", f"corrupt: {_op_error_text(e)}"
+    except OSError as e:  # listed, but cannot be read (gone since, or no permission)
+        kind, reason = "corrupt", f"unreadable: {e}"
     else:
         convert, resize = c != channels, (h, w) != (size, size)
         if convert and not cfg.convert_channels:
@@ -96,23 +102,37 @@ def scan(data_cfg) -> ScanReport:
     """Decodes every file of data.image_dir and applies the policies; once per process and
     settings (`_scan.cache_clear()` forgets). Raises DatasetNotFoundError, ImageFolderError."""
     settings = _Settings(*(getattr(data_cfg, f) for f in _Settings._fields))
-    return _scan(settings._replace(
-        image_dir=os.path.abspath(os.path.expanduser(settings.image_dir))))
+    return _scan(settings._replace(image_dir=_absolute(settings.image_dir)))
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute (~ expanded); a gs:// (any URL) path as it is."""
+    path = str(path)
+    return path.rstrip("/") if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _image_files(image_dir: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(path, its folder names below image_dir) of every image file under image_dir, by path."""
+    found = []
+    for root, _, names in epath.Path(image_dir).walk():
+        below = epath.Path(root).relative_to(epath.Path(image_dir)).parts
+        found += [(str(epath.Path(root) / name), tuple(below)) for name in names
+                  if name.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
 
 
 @functools.lru_cache(maxsize=None)
 def _scan(cfg: _Settings) -> ScanReport:
     image_dir = cfg.image_dir
-    if not os.path.isdir(image_dir):
+    if not epath.Path(image_dir).is_dir():
         raise DatasetNotFoundError(
             f"image_folder: data.image_dir={image_dir} does not exist or is not a folder.")
-    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(image_dir)
-                   for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
-    if not paths:
+    found = _image_files(image_dir)
+    if not found:
         raise DatasetNotFoundError(
             f"image_folder: no image files ({' '.join(IMAGE_EXTENSIONS)}) under {image_dir}.")
-    parts = [os.path.relpath(p, image_dir).split(os.sep) for p in paths]
-    folders = [p[0] if len(p) > 1 else None for p in parts]
+    paths = [path for path, _ in found]
+    folders = [below[0] if below else None for _, below in found]
     class_names = tuple(sorted({f for f in folders if f is not None}))
     n = len(paths)
     test = np.zeros(n, bool)

