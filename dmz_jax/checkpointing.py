@@ -16,8 +16,12 @@ Safety rules:
     is corrupt, the config differs, a failure); it broadcasts the decision
     (`multihost_utils.broadcast_one_to_all`), every process passes a barrier
     (`multihost_utils.sync_global_devices`), and only then do they restore, and only process
-    0 moves files. A restore that fails on any process counts for all (the worst outcome
-    wins). One process: no broadcast, no barrier.
+    0 moves files. Each process reads its own shards with the item's handler (not the
+    manager, whose restore ends in a barrier that a failed process never reaches); then all
+    exchange their outcomes (`process_allgather`), and a restore that failed on any process
+    counts for all (the worst outcome wins): a truncated chunk only one process reads ends
+    every process the same way. One process: no broadcast, no barrier. Several processes
+    must share the workdir (`check_shared_workdir`).
   - a checkpoint written with a different model, diffusion or data geometry is refused with a
     diff of what changed (`ConfigMismatchError`); `set_aside` moves old checkpoints away for a
     fresh start. Keys in RESUMABLE_KEYS may change on resume; each change is logged
@@ -83,6 +87,10 @@ class CheckpointRestoreError(RuntimeError):
     """
 
 
+class WorkdirNotSharedError(RuntimeError):
+    """Several processes, and some of them do not see the files process 0 writes."""
+
+
 class _CorruptCheckpoint(Exception):
     """A step folder that cannot be a complete checkpoint (an item is missing)."""
 
@@ -99,6 +107,38 @@ def checkpoint_dir(workdir: str) -> str:
 def _move(src: epath.Path, dest: epath.Path) -> None:  # local, or gs:// via tf.io.gfile
     dest.parent.mkdir(parents=True, exist_ok=True)
     src.rename(dest)
+
+
+def check_shared_workdir(workdir: str) -> None:
+    """Several processes: raises WorkdirNotSharedError (on every process) unless each one
+    reads the token process 0 just wrote to WORKDIR/.dmz_process_check; one process: nothing.
+
+    A multi-host run whose workdir is a local disk (a relative path on a TPU slice) would
+    write checkpoints no restart can reassemble; it is refused before anything runs.
+    """
+    index, count = _process()
+    if count == 1:
+        return
+    from jax.experimental import multihost_utils
+    path = absolute(workdir) / ".dmz_process_check"
+    token = np.int32(np.random.SeedSequence().generate_state(1)[0] & 0x7FFFFFFF)
+    token = int(multihost_utils.broadcast_one_to_all(token))
+    if index == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(token))
+    _barrier(f"dmz_workdir_check_{token}")
+    try:
+        sees = path.read_text().strip() == str(token)
+    except OSError:
+        sees = False
+    seen = multihost_utils.process_allgather(np.int32(sees))
+    blind = [i for i, ok in enumerate(np.asarray(seen).reshape(-1)) if not ok]
+    if blind:
+        raise WorkdirNotSharedError(
+            f"--workdir={workdir} is not shared by the {count} processes: process(es) "
+            f"{', '.join(map(str, blind))} cannot read {path}, which process 0 wrote. "
+            "Several hosts must write their checkpoints to one place: use a gs:// bucket "
+            "(--workdir=gs://BUCKET/run) or a file system every host mounts at the same path.")
 
 
 def create_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -308,9 +348,11 @@ def _restore_state(manager: ocp.CheckpointManager, decision: _Decision,
                    abstract_state: Any) -> tuple[Any, _Decision]:
     """(state or None, outcome) of restoring `decision.step` on every process."""
     state, local = None, _Decision(_RESTORE, decision.step)
-    try:
-        state = manager.restore(decision.step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state))).state
+    try:  # the item's handler alone: orbax's manager would end in a barrier that a process
+        # whose read failed never reaches; every process meets in `_worst` instead
+        state = ocp.StandardCheckpointHandler().restore(
+            _step_dir(manager, decision.step) / "state",
+            args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # noqa: BLE001 - classified, never swallowed
         local = _classify(manager, decision.step, e)
     worst = _worst(local.code)

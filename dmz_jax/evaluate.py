@@ -1,7 +1,11 @@
-"""Evaluation of a DMZ train state: sample grids and the linear probe on the codes.
+"""Evaluation of a DMZ: sample grids and the linear probe on the codes (end of training),
+and --mode=evaluate (Frechet distances, NLL, reconstruction, probes, prior fit).
 
-Used by the end-of-training summary; every function takes what it needs explicitly, so
-notebooks and other modes can call them on any parameters.
+Every evaluator runs a model through dmz_jax.inference (the jitted, sharded functions that
+dmz_jax.api.Model uses too), so nothing here is compiled: the sample grids of every
+training.sample_every compile once for the whole run. The untrained baseline of the probes
+is dmz_jax.baseline.untrained, the state a fresh run starts from, in summary.json and in
+evaluate/metrics.json alike.
 """
 
 from __future__ import annotations
@@ -13,98 +17,82 @@ from typing import Callable, Optional
 
 import jax
 import numpy as np
-import optax
 from etils import epath
 
-from dmz_jax import data, diffusion, images, samplers, sharding
+from dmz_jax import baseline, data, diffusion, images, inference, sharding
 from dmz_jax.metrics import probes
-from dmz_jax.model import DMZ, image_shape, variables
-from dmz_jax.networks import latent as latent_lib
+from dmz_jax.model import DMZ
 
 
-def make_sample_fn(config, model: DMZ, diff: diffusion.Diffusion, num_steps: int) -> Callable:
-    """jit(params, rng) -> [sampling.num_samples, H, W, C] in [-1, 1], z from the prior."""
+def grid_model(config, model: DMZ, diff: diffusion.Diffusion, params, mesh=None,
+               batch_stats=None) -> inference.Inference:
+    """`params` as an Inference that samples sampling.num_samples images in one batch
+    (rounded up to a multiple of the devices). mesh: default config.mesh."""
+    mesh = mesh or sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
     n = config.sampling.num_samples
-    shape = (n, *image_shape(config))
-
-    def sample(params, rng):
-        z_rng, x_rng = jax.random.split(rng)
-        z = None
-        if model.uses_latent:
-            z = latent_lib.get_latent_type(model.latent_type).prior(z_rng, n, model.latent_dim)
-
-        def model_fn(x_t, model_t):
-            return model.apply({"params": params}, x_t, model_t, z, method=DMZ.denoise)
-
-        return samplers.sample(diff, model_fn, shape, x_rng, method=config.sampling.method,
-                               num_steps=num_steps, variance=config.diffusion.variance,
-                               eta=config.sampling.eta,
-                               clip_denoised=config.sampling.clip_denoised)
-
-    return jax.jit(sample)
+    batch = -(-n // mesh.size) * mesh.size
+    return inference.Inference(config, model, diff, params, mesh, batch_stats, batch)
 
 
-def make_encode_fn(model: DMZ, mesh) -> Callable:
-    """jit((params, batch_stats), images [B, H, W, C]) -> deterministic codes [B, latent_dim];
-    batch_stats: the encoder's BatchNorm statistics, None without BatchNorm."""
-
-    def encode(params_and_stats, x):
-        return model.apply(variables(*params_and_stats), x, method=DMZ.encode)
-
-    return jax.jit(encode, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.replicated(mesh))
-
-
-def encode_dataset(encode_fn, params, x: np.ndarray, batch_size: int, mesh) -> np.ndarray:
-    """Encodes [N, H, W, C] in fixed-size batches (the last one padded) -> [N, latent_dim]."""
-    codes = []
-    for start in range(0, len(x), batch_size):
-        chunk = x[start:start + batch_size]
-        padding = np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)
-        batch = np.concatenate([chunk, padding])
-        out = encode_fn(params, jax.device_put(batch, sharding.batch_sharding(mesh)))
-        codes.append(np.asarray(out)[:len(chunk)])
-    return np.concatenate(codes)
+def make_sample_fn(config, model: DMZ, diff: diffusion.Diffusion, num_steps: int,
+                   mesh=None) -> Callable:
+    """(params, seed or key) -> [sampling.num_samples, H, W, C] in [-1, 1], z ~ Bernoulli(0.5)
+    (the prior): `grid_model(...).sample` at K = num_steps; a key is read as its seed's
+    stream, its first word."""
+    def sample(params, seed):
+        if not isinstance(seed, int):  # a PRNGKey: its data as the seed
+            seed = int(np.asarray(jax.random.key_data(seed)).ravel()[-1])
+        m = grid_model(config, model, diff, params, mesh)
+        return m.sample(config.sampling.num_samples, steps=num_steps, seed=seed)
+    return sample
 
 
-def evaluate_probe(config, model: DMZ, params, mesh, baseline_params=None, *,
-                   batch_stats=None, baseline_batch_stats=None) -> dict:
-    """Linear-probe accuracy of the deterministic codes of `params` (train -> test split).
+def probe_splits(config) -> tuple[dict, dict]:
+    """The probe's (train, test) splits: the first eval.probe_train_examples and
+    eval.probe_test_examples examples."""
+    return (data.load_split(config.data, "train", config.eval.probe_train_examples),
+            data.load_split(config.data, "test", config.eval.probe_test_examples))
 
-    With `baseline_params` (e.g. the untrained encoder), also `probe_accuracy_at_init`,
-    from the same loaded splits and the same compiled encoder. batch_stats: the encoder's
-    BatchNorm statistics of each (None without BatchNorm).
+
+def evaluate_probe(model: inference.Inference, baseline_model=None) -> dict:
+    """Linear-probe accuracy of the deterministic codes of `model` (train -> test split),
+    encoded in batches of eval.encode_batch_size.
+
+    With `baseline_model` (e.g. the untrained encoder), also `probe_accuracy_at_init`, from
+    the same loaded splits and the same compiled encoder.
     """
-    encode_fn = make_encode_fn(model, mesh)
-    batch = config.eval.encode_batch_size
-    train = data.load_split(config.data, "train", config.eval.probe_train_examples)
-    test = data.load_split(config.data, "test", config.eval.probe_test_examples)
+    config = model.config
+    train, test = probe_splits(config)
 
-    def codes_and_accuracy(p_and_stats):
-        train_codes = encode_dataset(encode_fn, p_and_stats, train["image"], batch, mesh)
-        test_codes = encode_dataset(encode_fn, p_and_stats, test["image"], batch, mesh)
+    def codes_and_accuracy(m):
+        m = m.with_batch_size(config.eval.encode_batch_size)
+        train_codes, test_codes = m.encode(train["image"]), m.encode(test["image"])
         return train_codes, probes.linear_probe_accuracy(train_codes, train["label"],
                                                         test_codes, test["label"])
 
-    train_codes, accuracy = codes_and_accuracy((params, batch_stats))
+    train_codes, accuracy = codes_and_accuracy(model)
     result = {"probe_accuracy": accuracy,
               "bit_means": train_codes.mean(0).round(4).tolist(),
               "distinct_codes_train": int(len(np.unique(train_codes, axis=0)))}
-    if baseline_params is not None:
-        result["probe_accuracy_at_init"] = codes_and_accuracy(
-            (baseline_params, baseline_batch_stats))[1]
+    if baseline_model is not None:
+        result["probe_accuracy_at_init"] = codes_and_accuracy(baseline_model)[1]
     return result
 
 
 def write_sample_grids(config, model: DMZ, diff, params, step: int, workdir: str,
-                       writer=None) -> list[str]:
-    """Samples with each of config.sampling.steps; writes PNGs (and TensorBoard images)."""
+                       writer=None, *, mesh=None, batch_stats=None) -> list[str]:
+    """Samples with each of config.sampling.steps; writes PNGs (and TensorBoard images).
+
+    sampling.num_samples images from sampling.seed (the same z and noise at every step), one
+    compile per K for the whole run (dmz_jax.inference caches it). mesh: default config.mesh.
+    """
     folder = epath.Path(workdir) / "samples"
     folder.mkdir(parents=True, exist_ok=True)
+    m = grid_model(config, model, diff, params, mesh, batch_stats)
     paths = []
     for k in map(int, config.sampling.steps):
-        x = make_sample_fn(config, model, diff, k)(params, jax.random.PRNGKey(config.seed + 1))
-        grid = images.make_grid(images.to_uint8(np.asarray(x)))
+        x = m.sample(config.sampling.num_samples, steps=k, seed=config.sampling.seed)
+        grid = images.make_grid(images.to_uint8(x))
         path = str(folder / f"step{step:08d}_K{k}.png")
         if jax.process_index() == 0:
             images.save_png(path, grid)
@@ -116,17 +104,20 @@ def write_sample_grids(config, model: DMZ, diff, params, step: int, workdir: str
 
 
 def evaluate(config, model: DMZ, diff, params, step: int, workdir: str, mesh, writer=None,
-             baseline_params: Optional[dict] = None, *, batch_stats=None,
-             baseline_batch_stats=None) -> dict:
-    """Sample grids and, when the data has classes, the linear probe (with its baseline);
-    batch_stats: the encoder's BatchNorm statistics of params and of baseline_params."""
-    summary = {"step": step, "samples": write_sample_grids(config, model, diff, params, step,
-                                                           workdir, writer)}
+             *, batch_stats=None, init: Optional[Callable] = None) -> dict:
+    """Sample grids and, when the data has classes, the linear probe, with its untrained
+    baseline (`baseline.untrained`; init: the run's jitted fresh-state function) when
+    eval.probe_at_init. batch_stats: the encoder's BatchNorm statistics of params."""
+    summary = {"step": step, "samples": write_sample_grids(
+        config, model, diff, params, step, workdir, writer, mesh=mesh, batch_stats=batch_stats)}
     summary["probe_accuracy"] = None  # no latent, or no class labels (celeb_a: attributes)
     if model.uses_latent and data.dataset_info(config.data).num_classes > 1:
-        summary.update(evaluate_probe(config, model, params, mesh, baseline_params,
-                                      batch_stats=batch_stats,
-                                      baseline_batch_stats=baseline_batch_stats))
+        trained = inference.Inference(config, model, diff, params, mesh, batch_stats,
+                                      config.eval.encode_batch_size)
+        untrained = None
+        if config.eval.probe_at_init:  # the starting encoder: what did training add?
+            untrained = trained.with_params(*baseline.untrained(config, model, mesh, init))
+        summary.update(evaluate_probe(trained, untrained))
         if writer is not None:
             writer.write_scalars(step, {"probe_accuracy": summary["probe_accuracy"]})
     return summary
@@ -169,13 +160,14 @@ def sample_statistics(model, feature_fn, n: int, *, steps: int, prior: str = "be
     """Feature statistics (a frechet.RunningStatistics) of n generated images at K = steps.
 
     z comes from `prior`; the sampler is `method` (default config.sampling.method). Images
-    are made 10 batches at a time, with seeds seed + (index of the chunk's first image).
+    are made 10 batches at a time, image j of all n being row j of `seed`'s stream
+    (model.sample's `first`): the statistics do not depend on the batch size.
     """
     from dmz_jax.metrics import frechet
     chunk, stats, start = 10 * model.batch_size, None, time.time()
     for i in range(0, n, chunk):
-        x = model.sample(min(chunk, n - i), steps=steps, prior=prior, seed=seed + i,
-                         method=method)
+        x = model.sample(min(chunk, n - i), steps=steps, prior=prior, seed=seed,
+                         method=method, first=i)
         f = feature_fn(x)
         stats = stats or frechet.RunningStatistics(f.shape[1])
         stats.update(f)
@@ -255,15 +247,11 @@ def _probe_scores(config, codes: tuple, train: dict, test: dict, suffix: str) ->
 def _probes(config, model, train: dict, test: dict, trained_codes=None) -> dict:
     """probe_accuracy (classes) or probe_auroc_mean (CelebA) under eval.protocol, for the
     trained encoder (its (train, test) probe_codes, when already computed) and the untrained
-    one (the baseline, centred as a fresh run)."""
-    from dmz_jax.train_state import center_encoder_logits, create_train_state
-    state = jax.jit(lambda: create_train_state(config, model.model, optax.identity()))()
-    baseline = state.params
-    if config.model.encoder.center_examples:
-        baseline = center_encoder_logits(model.model, baseline,
-                                         train["image"][:config.model.encoder.center_examples])
+    one (`baseline.untrained`: the state a fresh run starts from, training.init_from
+    honoured, as in summary.json)."""
+    untrained = model.with_params(*baseline.untrained(config, model.model, model.mesh))
     out = {}
-    for suffix, m in (("", model), ("_at_init", model.with_params(baseline, state.batch_stats))):
+    for suffix, m in (("", model), ("_at_init", untrained)):
         codes = trained_codes if suffix == "" else None
         if codes is None:
             codes = probe_codes(config, m, train["image"]), probe_codes(config, m, test["image"])

@@ -32,6 +32,9 @@ flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for several pr
 flags.DEFINE_integer("num_processes", None, "How many processes (with --coordinator).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 "
                      "(with --coordinator).")
+flags.DEFINE_float("peer_timeout", 60.0, "Several processes: seconds without a sign of life "
+                   "from another process before this one exits with code 76 (see "
+                   "dmz_jax/preemption.py); keep it below JAX's heartbeat timeout (100 s).")
 flags.DEFINE_bool("fresh", False, "Move the workdir's checkpoints to checkpoints.old-<time> "
                   "and start over (needed when the config changed the model).")
 flags.mark_flags_as_required(["config"])
@@ -73,24 +76,39 @@ def start_processes() -> None:
 
 
 def train(config) -> int:
+    """Exit code 0 (finished), 2 (refused), 75 (preempted) or 76 (another process lost):
+    see dmz_jax/preemption.py."""
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required for --mode=train.")
     start_processes()
-    from dmz_jax import checkpointing, config_checks, data
+    from dmz_jax import checkpointing, config_checks, data, preemption
     from dmz_jax import train as train_lib  # imports TensorFlow: keep describe fast
+    watchdog = preemption.start_watchdog(FLAGS.peer_timeout)
     try:
-        train_lib.train_and_evaluate(config, FLAGS.workdir, fresh=FLAGS.fresh)
+        summary = train_lib.train_and_evaluate(config, FLAGS.workdir, fresh=FLAGS.fresh)
     except (config_checks.ConfigError, data.DatasetNotFoundError,
             checkpointing.ConfigMismatchError, checkpointing.CheckpointRestoreError,
-            train_lib.NonFiniteError) as e:
+            checkpointing.WorkdirNotSharedError, train_lib.NonFiniteError) as e:
+        if watchdog:
+            watchdog.stop()
         return _refuse(e)
-    return 0
+    except BaseException:
+        if watchdog is None:
+            raise
+        watchdog.exit_after_failure()  # 76 when another process was lost, else 1
+    if watchdog:
+        watchdog.stop()
+    return preemption.EXIT_PREEMPTED if summary.get("preempted") else 0
 
 
 def use(config) -> int:
     """The modes that use a trained model (dmz_jax.modes, dmz_jax.evaluate)."""
     if not FLAGS.workdir:
         raise app.UsageError(f"--workdir is required for --mode={FLAGS.mode}.")
+    if FLAGS.distributed or FLAGS.coordinator:
+        return _refuse(ValueError(
+            f"--mode={FLAGS.mode} runs in one process (it uses every device of its host); "
+            "start it on one host without --distributed or --coordinator."))
     from dmz_jax import api, checkpointing, config_checks, data, evaluate, modes
     from dmz_jax.metrics.inception import FidWeightsError
     run = evaluate.run_evaluation if FLAGS.mode == "evaluate" else modes.MODES[FLAGS.mode]

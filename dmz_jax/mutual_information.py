@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from dmz_jax import data, samplers
+from dmz_jax import data
 from dmz_jax import diffusion as dfn
 
 CHAINS = ("forward", "reverse")
@@ -214,54 +214,13 @@ def _forward_states(diff: dfn.Diffusion, x0: jax.Array, t: jax.Array, key: jax.A
     return dfn.q_sample(diff, x0, jnp.full((num,), t, jnp.int32), noise)
 
 
-@functools.lru_cache(maxsize=8)
-def _reverse_fn(model, steps: int, record: tuple[int, ...]):
-    """fn(params, batch {'z'}, rng) for Model._map -> states [B, S, H, W, C]: the inputs x_k of
-    the respaced (K = steps) ancestral chain at the respaced indices `record` (S of them),
-    x_T ~ N(0, I) from rng; the step is samplers.ancestral_step, as in Model.decode (with the
-    same rng, the chain is the one decode(method="ancestral") runs). Cached: one compile per
-    (model, steps, record)."""
-    from dmz_jax.model import image_shape
-    spaced = model.diff if steps == model.diff.num_timesteps else model.diff.respace(steps)
-    shape = (model.batch_size, *image_shape(model.config))
-    variance = model.config.diffusion.variance
-    clip = bool(model.config.sampling.clip_denoised)
-    slot = np.full((steps,), -1, np.int32)
-    for s, k in enumerate(record):
-        slot[k] = s
-    slot = jnp.asarray(slot)
-
-    def fn(params, batch, rng):
-        model_fn = model._denoise_fn(params, batch["z"])
-        init_key, loop_key = jax.random.split(rng)
-        x = jax.random.normal(init_key, shape, jnp.float32)
-        states = jnp.zeros((len(record),) + shape, jnp.float32)
-
-        def body(i, carry):
-            x, states = carry
-            k = spaced.num_timesteps - 1 - i
-            s = slot[k]
-            kept = jax.lax.dynamic_index_in_dim(states, jnp.maximum(s, 0), keepdims=False)
-            states = jax.lax.dynamic_update_index_in_dim(
-                states, jnp.where(s >= 0, x, kept), jnp.maximum(s, 0), 0)
-            t, model_t = samplers._step_t(spaced, i, shape[0])
-            noise = jax.random.normal(jax.random.fold_in(loop_key, i), shape, jnp.float32)
-            x = samplers.ancestral_step(spaced, model_fn(x, model_t), x, t, noise, clip,
-                                        variance)["sample"]
-            return x, states
-
-        _, states = jax.lax.fori_loop(0, spaced.num_timesteps, body, (x, states))
-        return jnp.moveaxis(states, 0, 1)
-
-    return jax.jit(fn)
-
-
 def reverse_states(model, z: np.ndarray, steps: int, record, seed: int) -> np.ndarray:
-    """States [S, N, H, W, C] of DMZ's ancestral chain (K = steps) conditioned on z [N, L] at
-    the respaced indices `record` (see _reverse_fn), N chains from `seed`."""
-    states = model._map(_reverse_fn(model, steps, tuple(record)), {"z": z},
-                        jax.random.PRNGKey(seed))
-    return np.moveaxis(states, 1, 0)
+    """States [S, N, H, W, C] of DMZ's ancestral chain (K = steps) conditioned on z [N, L]:
+    the inputs x_k at the respaced indices `record` (S of them), N chains from `seed`; the
+    chain model.decode(z, steps=steps, method="ancestral", seed=seed) runs
+    (api.Model.reverse_chain)."""
+    return model.reverse_chain(z, steps=steps, record=tuple(record), seed=seed,
+                               method="ancestral")[1]
 
 
 # --- The mode

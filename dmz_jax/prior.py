@@ -159,14 +159,11 @@ def bernoulli_bits_per_code(n: int) -> float:
 
 # --- Sampling
 
-@functools.partial(jax.jit, static_argnames=("model", "num"))
-def sample(params: Any, model: BitPrior, rng: jax.Array, num: int) -> jax.Array:
-    """num codes [num, n] float32 in {0, 1} drawn from the prior, one position at a time.
-
-    Keys and values of earlier positions are cached (model.clone(decode=True)), so bit i
-    costs one position's forward. Bit i is 1 with probability sigmoid(logit_i), via
-    logistic noise: P(eps < logit) = sigmoid(logit), eps from fold_in(rng, i).
-    """
+def _sample_bits(params: Any, model: BitPrior, num: int, logistic) -> jax.Array:
+    """num codes [num, n], one position at a time: bit i is 1 where logistic(i) [num] (a
+    Logistic(0, 1) draw) < logit_i, i.e. with probability sigmoid(logit_i). Keys and values of
+    earlier positions are cached (model.clone(decode=True)), so bit i costs one position's
+    forward."""
     decoder = model.clone(decode=True)
     cache = decoder.apply(params, jnp.zeros((num, model.num_bits)), mutable=["cache"])[1]
 
@@ -174,12 +171,29 @@ def sample(params: Any, model: BitPrior, rng: jax.Array, num: int) -> jax.Array:
         z, cache = carry
         previous = jax.lax.dynamic_slice_in_dim(z, jnp.maximum(i - 1, 0), 1, axis=1)
         logit, cache = decoder.apply({**params, **cache}, previous, mutable=["cache"])
-        eps = jax.random.logistic(jax.random.fold_in(rng, i), (num,))
-        bit = (eps < logit[:, 0]).astype(jnp.float32)
+        bit = (logistic(i) < logit[:, 0]).astype(jnp.float32)
         return jax.lax.dynamic_update_slice_in_dim(z, bit[:, None], i, axis=1), cache
 
     z0 = jnp.zeros((num, model.num_bits), jnp.float32)
     return jax.lax.fori_loop(0, model.num_bits, body, (z0, cache))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num"))
+def sample(params: Any, model: BitPrior, rng: jax.Array, num: int) -> jax.Array:
+    """num codes [num, n] float32 in {0, 1} drawn from the prior (`_sample_bits`), the
+    logistic noise of bit i from fold_in(rng, i)."""
+    return _sample_bits(params, model, num,
+                        lambda i: jax.random.logistic(jax.random.fold_in(rng, i), (num,)))
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def sample_rows(params: Any, model: BitPrior, keys: jax.Array) -> jax.Array:
+    """One code per key: keys [num, 2] -> codes [num, n] float32 in {0, 1}, row j drawn with
+    keys[j] alone (bit i's noise from fold_in(keys[j], i)), so a row does not depend on the
+    others (nor on how many are drawn at once)."""
+    def noise(i):
+        return jax.vmap(lambda key: jax.random.logistic(jax.random.fold_in(key, i), ()))(keys)
+    return _sample_bits(params, model, keys.shape[0], noise)
 
 
 # --- Training
@@ -229,6 +243,21 @@ def train_prior(codes: Any, *, steps: int = 2000, batch_size: int = 256,
         params, opt_state, _ = _train_step(params, opt_state, codes, data_rng, jnp.int32(i),
                                            lr, total, model=model, batch_size=batch_size)
     return params
+
+
+def fit(train_codes: Any, test_codes: Any, *, steps: int, seed: int,
+        model_kwargs: Optional[dict] = None) -> tuple[Any, dict]:
+    """`train_prior` on train_codes [N, n], measured on test_codes [M, n]: (params, {
+    learned_bits_per_code, empirical_bits_per_code, bernoulli_bits_per_code (= n),
+    train_codes, test_codes}) (bits per code; what --mode=train_prior reports)."""
+    params = train_prior(train_codes, steps=steps, seed=seed, model_kwargs=model_kwargs)
+    n = int(np.shape(train_codes)[1])
+    net = make_model(n, model_kwargs)
+    return params, {
+        "learned_bits_per_code": bits_per_code(params, net, test_codes),
+        "empirical_bits_per_code": empirical_bits_per_code(train_codes, test_codes),
+        "bernoulli_bits_per_code": bernoulli_bits_per_code(n),
+        "train_codes": len(train_codes), "test_codes": len(test_codes)}
 
 
 # --- Checkpoints

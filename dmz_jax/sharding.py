@@ -90,3 +90,17 @@ def per_process_batch_size(global_batch_size: int) -> int:
         raise ValueError(f"batch_size {global_batch_size} is not divisible by the "
                          f"{jax.process_count()} processes.")
     return global_batch_size // jax.process_count()
+
+
+def process_rows(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
+    """(first, stop): the rows of a global batch that this process's devices hold; raises
+    when they are not one contiguous block (a mesh whose device order interleaves processes:
+    build it from jax.devices(), as `create_mesh` does)."""
+    indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    rows = sorted({i for index in indices.values()
+                   for i in range(*index[0].indices(global_batch_size))})
+    if rows != list(range(rows[0], rows[-1] + 1)):
+        raise ValueError("This process's devices do not hold one contiguous block of the "
+                         "batch; build the mesh from jax.devices() (sharding.create_mesh).")
+    return rows[0], rows[-1] + 1
+

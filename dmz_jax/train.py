@@ -10,20 +10,18 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
-import signal
-import threading
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from etils import epath
 
-from dmz_jax import checkpointing, config_checks, data, evaluate, sharding, warm_start
+from dmz_jax import (baseline, checkpointing, config_checks, data, evaluate, preemption,
+                     sharding, warm_start)
 from dmz_jax.model import create_model
-from dmz_jax.train_state import (TrainState, center_encoder_logits, compile_train_step,
-                                 create_train_state, make_diffusion, make_optimizer)
+from dmz_jax.train_state import (TrainState, compile_train_step, create_train_state,
+                                 make_diffusion, make_optimizer)
 
 
 class NonFiniteError(FloatingPointError):
@@ -48,10 +46,17 @@ class Run:
         logging.info("Dataset: %s", self.info)
         self.mesh = mesh or sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
         self.local_batch = sharding.per_process_batch_size(config.training.batch_size)
+        first = jax.process_index() * self.local_batch  # where data.train_iterator reads
+        if sharding.process_rows(self.mesh, config.training.batch_size) != (
+                first, first + self.local_batch):
+            raise ValueError("The mesh gives this process other rows of the batch than "
+                             f"rows {first}..{first + self.local_batch - 1}; build it with "
+                             "sharding.create_mesh.")
         self.model = create_model(config)
         self.diff = make_diffusion(config)
         self.tx = make_optimizer(config.training)
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        checkpointing.check_shared_workdir(workdir)
         if fresh:
             checkpointing.set_aside(workdir)
         self.manager = checkpointing.create_manager(workdir, config.training.keep_checkpoints)
@@ -76,91 +81,29 @@ class Run:
         return self.fresh_state() if self.restored is None else self.restored
 
     def fresh_state(self) -> TrainState:
-        """The state a new run starts from (deterministic in config.seed and the data).
+        """The state a new run starts from (deterministic in config.seed and the data):
+        dmz_jax.baseline.start_from, the definition that the probes' untrained baseline
+        shares.
 
         With training.init_from, the parameters (raw and EMA) of that run's newest
         checkpoint. Else the encoder bias is centred on the first
         model.encoder.center_examples training images (fixed order), when that is > 0.
         """
-        state = self._init()
-        if self._init_from is not None:
-            params, ema_params = warm_start.load(*self._init_from[:2])
-            state = state.replace(params=params, ema_params=ema_params)
-            if len(self._init_from) == 3:
-                stats = warm_start.load_batch_stats(*self._init_from[::2])
-                state = state if stats is None else state.replace(batch_stats=stats)
-            return state
-        n = self.config.model.encoder.center_examples
-        if self.model.uses_latent and n:
-            images = data.load_split(self.config.data, "train", n)["image"]
-            params = jax.jit(functools.partial(center_encoder_logits, self.model),
-                             out_shardings=self.state_sharding.params)(state.params, images)
-            state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
-        return state
+        return baseline.start_from(self.config, self.model, self._init(), self._init_from,
+                                   self.state_sharding.params)
 
     def evaluate(self, state: TrainState) -> dict:
-        """Sample grids and the probe of the EMA parameters (end-of-training summary)."""
-        baseline = baseline_stats = None
-        if self.config.eval.probe_at_init:  # the starting encoder: what did training add?
-            fresh = self.fresh_state()
-            baseline, baseline_stats = self.replicated(fresh.params), fresh.batch_stats
-        return evaluate.evaluate(self.config, self.model, self.diff,
-                                 self.replicated(state.ema_params), int(state.step),
-                                 self.workdir, self.mesh, self.writer, baseline_params=baseline,
-                                 batch_stats=state.batch_stats,
-                                 baseline_batch_stats=baseline_stats)
-
-    def replicated(self, params):
-        """params on every device (gathered from their mesh.fsdp shards), for sampling and
-        encoding, which are not sharded over "fsdp"; no copy when mesh.fsdp = 1."""
-        return jax.device_put(params, sharding.replicated(self.mesh))
+        """Sample grids and the probe of the EMA parameters (end-of-training summary), with
+        the untrained baseline (dmz_jax.baseline.untrained, training.init_from honoured)
+        when eval.probe_at_init. The parameters stay as the mesh shards them."""
+        return evaluate.evaluate(self.config, self.model, self.diff, state.ema_params,
+                                 int(state.step), self.workdir, self.mesh, self.writer,
+                                 batch_stats=state.batch_stats, init=self._init)
 
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
         self.writer.flush()
-
-
-class StopSignals:
-    """SIGTERM/SIGINT handling for preemptible jobs.
-
-    One process: the first signal sets `requested`, so the loop finishes its step,
-    checkpoints and returns; a second signal exits at once (orbax never leaves a half-written
-    checkpoint that looks complete).
-    Several processes: SIGTERM to any of them is left to JAX's preemption notifier (installed
-    by jax.distributed.initialize), and every process stops at the same step, the next
-    preemption sync point, so none is left waiting in a collective. A per-process flag would
-    let processes stop at different steps, so no Python handler is installed there.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-        self._multiprocess = jax.process_count() > 1
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            logging.warning("Second signal %d: exiting now without a checkpoint.", signum)
-            os._exit(128 + signum)
-        self.requested = True
-        logging.warning("Signal %d: finishing this step, checkpointing and exiting.", signum)
-
-    def __enter__(self):
-        if not self._multiprocess and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def should_stop(self, step: int) -> bool:
-        """Whether to checkpoint and stop after `step`; the same answer on every process."""
-        if self._multiprocess:
-            from jax.experimental import multihost_utils
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
 
 
 def _check_finite(outputs: dict, step: int, limit: int) -> None:
@@ -187,12 +130,29 @@ def _write_window(run: Run, step: int, window, outputs: dict) -> Optional[float]
     return scalars["loss"]
 
 
-def train(run: Run, state: TrainState) -> tuple[TrainState, Optional[float], bool]:
+def _with_stop_flag(batches, signals: preemption.StopSignals, mesh):
+    """Each global batch with "stop": this process's signal flag, read as the batch is
+    dispatched, one int32 per device (the train step reduces them over every process)."""
+    devices = len(mesh.local_devices)
+    for batch in batches:
+        flag = np.full((devices,), int(signals.requested), np.int32)
+        yield {**batch, "stop": jax.make_array_from_process_local_data(
+            sharding.batch_sharding(mesh), flag)}
+
+
+def train(run: Run, state: TrainState, signals: Optional[preemption.StopSignals] = None
+          ) -> tuple[TrainState, Optional[float], bool]:
     """Trains from state.step to config.training.num_steps.
 
     Returns (state, the last window's mean loss or None, preempted). Stops early, after
-    checkpointing, when SIGTERM/SIGINT arrives (preempted=True).
+    checkpointing, when a signal has set `signals.requested` on any process (preempted=True):
+    the flag rides in the batch of the next step, whose output every process reads one step
+    later, so all of them stop after the same step. signals: None installs a StopSignals
+    for the duration of the loop.
     """
+    if signals is None:
+        with preemption.StopSignals() as own:
+            return train(run, state, own)
     from clu import periodic_actions
 
     config, tc, mesh = run.config, run.config.training, run.mesh
@@ -205,35 +165,35 @@ def train(run: Run, state: TrainState) -> tuple[TrainState, Optional[float], boo
     if start_step >= tc.num_steps:
         return state, None, False
     step_fn = compile_train_step(config, run.model, run.diff, run.tx, mesh, run.state_sharding)
-    batches = sharding.prefetch_to_mesh(
+    batches = _with_stop_flag(sharding.prefetch_to_mesh(
         data.train_iterator(config.data, batch_size=run.local_batch, seed=config.seed,
-                            start_step=start_step), mesh)
+                            start_step=start_step), mesh), signals, mesh)
     report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=run.writer)
     window, last_loss, previous = None, None, None
-    with StopSignals() as signals:
-        for step in range(start_step + 1, tc.num_steps + 1):
-            state, outputs = step_fn(state, next(batches))
-            if previous is not None:  # one step behind: reading it does not stall the device
-                _check_finite(*previous, tc.max_nonfinite_steps)
-            previous = (outputs, step)
-            metrics = outputs["metrics"]
-            window = metrics if window is None else window.merge(metrics)
-            report(step)
-            if step % tc.log_every == 0 or step == tc.num_steps:
-                last_loss = _write_window(run, step, window, outputs)
-                window = None
-            stop = signals.should_stop(step)
-            if step % tc.checkpoint_every == 0 or step == tc.num_steps or stop:
-                _check_finite(outputs, step, tc.max_nonfinite_steps)
-                checkpointing.save(run.manager, step, state, config)
-            if stop:
-                logging.warning("Stopped at step %d after a signal; checkpoint written.", step)
-                run.manager.wait_until_finished()
-                return state, last_loss, True
-            if step % tc.sample_every == 0 and step != tc.num_steps:
-                evaluate.write_sample_grids(config, run.model, run.diff,
-                                            run.replicated(state.ema_params), step,
-                                            run.workdir, run.writer)
+    for step in range(start_step + 1, tc.num_steps + 1):
+        state, outputs = step_fn(state, next(batches))
+        stop = False
+        if previous is not None:  # one step behind: reading it does not stall the device
+            _check_finite(*previous, tc.max_nonfinite_steps)
+            stop = bool(previous[0]["stop"])  # any process's signal, the same everywhere
+        previous = (outputs, step)
+        metrics = outputs["metrics"]
+        window = metrics if window is None else window.merge(metrics)
+        report(step)
+        if step % tc.log_every == 0 or step == tc.num_steps:
+            last_loss = _write_window(run, step, window, outputs)
+            window = None
+        if step % tc.checkpoint_every == 0 or step == tc.num_steps or stop:
+            _check_finite(outputs, step, tc.max_nonfinite_steps)
+            checkpointing.save(run.manager, step, state, config)
+        if stop:
+            logging.warning("Stopped at step %d after a signal; checkpoint written.", step)
+            run.manager.wait_until_finished()
+            return state, last_loss, step < tc.num_steps
+        if step % tc.sample_every == 0 and step != tc.num_steps:
+            evaluate.write_sample_grids(config, run.model, run.diff, state.ema_params, step,
+                                        run.workdir, run.writer, mesh=run.mesh,
+                                        batch_stats=state.batch_stats)
     _check_finite(*previous, tc.max_nonfinite_steps)
     run.manager.wait_until_finished()
     return state, last_loss, False
@@ -257,20 +217,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     run returns {"step", "preempted": True} without evaluating. fresh=True moves existing
     checkpoints aside first.
     """
-    run = Run(config, workdir, fresh=fresh)
-    state = run.initial_state()
-    if int(state.step) >= config.training.num_steps:
-        summary = _finished_summary(workdir, int(state.step))
-        if summary is not None:
-            logging.info("Run already finished at step %d; see %s/summary.json",
-                         summary["step"], workdir)
-            run.close()
-            return summary
-    try:
-        state, last_loss, preempted = train(run, state)
-    except BaseException:
-        run.manager.wait_until_finished()  # never leave a save half-done on the way out
-        raise
+    with preemption.StopSignals() as signals:  # from the restore on: see preemption.py
+        run = Run(config, workdir, fresh=fresh)
+        state = run.initial_state()
+        if int(state.step) >= config.training.num_steps:
+            summary = _finished_summary(workdir, int(state.step))
+            if summary is not None:
+                logging.info("Run already finished at step %d; see %s/summary.json",
+                             summary["step"], workdir)
+                run.close()
+                return summary
+        try:
+            state, last_loss, preempted = train(run, state, signals)
+        except BaseException:
+            run.manager.wait_until_finished()  # never leave a save half-done on the way out
+            raise
     if preempted:
         run.close()
         return {"step": int(state.step), "preempted": True}

@@ -281,7 +281,8 @@ def mean_grads(loss_fn: Callable, params, x0: jax.Array, rngs: dict, draws: dict
 def train_step(state: TrainState, batch: dict, *, model: DMZ, diff: diffusion.Diffusion,
                tx: optax.GradientTransformation, config) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch {"image": [B, H, W, C]}, its gradient averaged
-    over training.grad_accum_steps microbatches (`mean_grads`).
+    over training.grad_accum_steps microbatches (`mean_grads`). An optional batch["stop"]
+    (int32 [number of devices], each process's stop flag) comes back reduced as "stop".
 
     Returns (state, {"metrics": TrainMetrics of this step, "nonfinite_streak",
     "skipped_steps"}). A step whose loss or gradient norm is not finite changes nothing but
@@ -323,8 +324,11 @@ def train_step(state: TrainState, batch: dict, *, model: DMZ, diff: diffusion.Di
                      else keep_if_finite(batch_stats, state.batch_stats)))
     step_metrics = TrainMetrics.single_from_model_output(  # [1]: the mask's shape
         **{k: v[None] for k, v in out.items()}, mask=finite[None])
-    return new_state, {"metrics": step_metrics, "nonfinite_streak": new_state.nonfinite_streak,
-                       "skipped_steps": new_state.skipped_steps}
+    outputs = {"metrics": step_metrics, "nonfinite_streak": new_state.nonfinite_streak,
+               "skipped_steps": new_state.skipped_steps}
+    if "stop" in batch:  # every process's stop flag, reduced: the same answer everywhere
+        outputs["stop"] = jnp.max(batch["stop"])
+    return new_state, outputs
 
 
 def compile_train_step(config, model, diff, tx, mesh, state_sharding) -> Callable:

@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # `python experiments/ablations.py` from the repo
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
+from etils import epath
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("grid", None, "A grid file: experiments/grids/cpu.py, gpu.py, tiny.py.")
@@ -49,7 +50,7 @@ class GridError(ValueError):
 
 def load_grid(path: str) -> dict:
     """The dict returned by get_grid() in the grid file at `path`, with its source path."""
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         raise GridError(f"no grid file {path}; see experiments/grids/")
     spec = importlib.util.spec_from_file_location("ablation_grid", path)
     module = importlib.util.module_from_spec(spec)
@@ -125,17 +126,16 @@ def check_grid(grid: dict) -> None:
 
 
 def _read_json(path: str) -> Optional[dict]:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """The JSON at `path` (local or gs://), or None when there is none."""
+    path = epath.Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _write_json(path: str, values: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(values, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)  # never a half-written result
+    path = epath.Path(path)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(values, indent=2, sort_keys=True))
+    tmp.replace(path)  # never a half-written result
 
 
 def train_run(config, workdir: str) -> dict:
@@ -146,7 +146,7 @@ def train_run(config, workdir: str) -> dict:
     if summary and summary.get("step") == config.training.num_steps:
         logging.info("Skip training %s: finished", workdir)
         return summary
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     timing_path = os.path.join(workdir, "timing.json")
     start = time.time()
     try:
@@ -191,28 +191,51 @@ def _fd(model, features: Features, n: int, k: int, **kwargs) -> float:
     return float(frechet.frechet_distance(*stats.statistics(), *real))
 
 
-def _learned_prior(config, workdir: str) -> Optional[dict]:
-    """Trains the bit prior once (modes.train_prior); its bits/code on the test codes."""
-    from dmz_jax import modes
-    metrics_path = os.path.join(workdir, "train_prior", "metrics.json")
-    if not os.path.exists(os.path.join(workdir, "prior")):
-        metrics_path = os.path.join(modes.train_prior(config, workdir), "metrics.json")
-    return _read_json(metrics_path)
+def _learned_prior(model, config, workdir: str) -> Optional[dict]:
+    """Trains the bit prior once (what --mode=train_prior does, on `model`, the run's loaded
+    checkpoint: no second load); its bits/code on the test codes."""
+    from dmz_jax import data, modes
+    from dmz_jax import prior as prior_lib
+    if epath.Path(model.prior_path).exists():
+        return _read_json(os.path.join(workdir, "train_prior", "metrics.json"))
+    test = data.load_split(config.data, "test", config.eval.probe_test_examples)
+    kwargs = {"width": config.modes.prior_width}
+    params, metrics = prior_lib.fit(model.training_codes(), model.encode(test["image"]),
+                                    steps=config.modes.prior_steps, seed=config.seed,
+                                    model_kwargs=kwargs)
+    prior_lib.save_prior(model.prior_path, params, kwargs)
+    metrics.update(step=model.step, prior_steps=config.modes.prior_steps,
+                   saved_to=model.prior_path)
+    _write_json(os.path.join(modes.output_dir(workdir, "train_prior"), "metrics.json"), metrics)
+    return metrics
 
 
-def _nll(config, workdir: str, step: int, test_images) -> dict:
+def _nll(model, test_images) -> dict:
     """The full VLB of the test images in bits/dim, given z = encode(x), and the bound on
-    -log2 p(x) with z's own |z| bits added (Bernoulli(0.5) prior, deterministic encoder)."""
-    from dmz_jax import api
-    nll_config = config.copy_and_resolve_references()
-    nll_config.sampling.batch_size = len(test_images)
-    model = api.load(workdir, checkpoint=step, config=nll_config)
+    -log2 p(x) with z's own |z| bits added (Bernoulli(0.5) prior, deterministic encoder).
+    In one batch when they fit (each image's noise is its own: the batch does not matter)."""
+    devices = model.mesh.size
+    model = model.with_batch_size(-(-len(test_images) // devices) * devices)
     given_z = float(model.nll_bpd(test_images).mean())
-    bits = config.model.latent_dim if model.model.uses_latent else 0
+    bits = model.latent_dim if model.model.uses_latent else 0
     dims = test_images[0].size
     # a Gaussian z has no discrete code length: no bound
-    bound = given_z + bits / dims if config.model.latent_type != "gaussian" else None
+    bound = given_z + bits / dims if model.config.model.latent_type != "gaussian" else None
     return {"nll_bpd_given_z": given_z, "nll_bpd_bound": bound}
+
+
+def curve(model, config, workdir: str, features: Features, n: int, k: int,
+          test_images) -> list[dict]:
+    """FD at K = k and the NLL at every checkpoint of the run, each checkpoint loaded once
+    (`model`, the newest, is not loaded again)."""
+    from dmz_jax import api
+    points = []
+    for step in api.checkpoint_steps(workdir):
+        at_step = model if step == model.step else api.load(
+            workdir, checkpoint=step, config=config, mesh=model.mesh)
+        points.append({"step": step, f"fd_K{k}": _fd(at_step, features, n, k),
+                       **_nll(at_step, test_images)})
+    return points
 
 
 def evaluate_run(grid: dict, variant: str, seed: int, config, workdir: str,
@@ -229,18 +252,13 @@ def evaluate_run(grid: dict, variant: str, seed: int, config, workdir: str,
         fd["ddim"] = {str(k): _fd(model, features, n, int(k), method="ddim")
                       for k in p["fd_steps"]}
     if variant in p.get("prior_variants", ()) and config.model.latent_type == "binary":
-        result["prior"] = _learned_prior(config, workdir)
+        result["prior"] = _learned_prior(model, config, workdir)
         fd["learned"] = {str(k): _fd(model, features, n, int(k), prior="learned")
                          for k in p["fd_steps"]}
     if variant in p.get("curve_variants", ()):
         test = data.load_split(config.data, "test", int(p["nll_examples"]))["image"]
-        k = int(p["curve_steps"])
-        result["curve"] = []
-        for step in api.checkpoint_steps(workdir):
-            at_step = model if step == model.step else api.load(workdir, checkpoint=step,
-                                                                  config=config)
-            result["curve"].append({"step": step, f"fd_K{k}": _fd(at_step, features, n, k),
-                                    **_nll(config, workdir, step, test)})
+        result["curve"] = curve(model, config, workdir, features, n, int(p["curve_steps"]),
+                                test)
     for key in ("probe_accuracy", "probe_accuracy_at_init", "distinct_codes_train",
                 "train_loss", "samples"):
         result[key] = summary.get(key)
@@ -271,15 +289,14 @@ def _claim(workdir: str) -> bool:
     Several copies of the same command can so share a grid (one per core or machine on a
     shared filesystem): each run is trained and evaluated by one of them.
     """
-    os.makedirs(workdir, exist_ok=True)
-    lock = os.path.join(workdir, ".running")
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    lock = os.path.join(workdir, ".running")  # a local lock: it holds a process id
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                with open(lock) as f:
-                    os.kill(int(f.read() or 0), 0)  # raises when that process is gone
+                os.kill(int(epath.Path(lock).read_text() or 0), 0)  # raises when it is gone
                 return False
             except (ProcessLookupError, ValueError, FileNotFoundError):
                 _remove(lock)  # left by a killed process: take it over
@@ -293,10 +310,7 @@ def _claim(workdir: str) -> bool:
 
 
 def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
+    epath.Path(path).unlink(missing_ok=True)
 
 
 def _stored(grid: dict, root: str, store: Optional[str], variant: str, seed: int):
@@ -337,7 +351,7 @@ def run_grid(grid: dict, root: str, store: Optional[str] = None) -> dict:
             result["fd_features"] = features.get()[0]
             _write_json(path, result)
             if store:
-                os.makedirs(store, exist_ok=True)
+                epath.Path(store).mkdir(parents=True, exist_ok=True)
                 _write_json(os.path.join(store, f"{variant}-seed{seed}.json"), result)
             results[variant, seed] = result
         finally:
@@ -379,7 +393,7 @@ def main(argv):
         return 2
     results = stored_results(grid, FLAGS.root, store)
     for (variant, seed), result in results.items():  # runs evaluated before the store existed
-        os.makedirs(store, exist_ok=True)
+        epath.Path(store).mkdir(parents=True, exist_ok=True)
         _write_json(os.path.join(store, f"{variant}-seed{seed}.json"), result)
     report.write_report(grid, results, FLAGS.results,
                         command_of(FLAGS.grid, FLAGS.root, FLAGS.results))

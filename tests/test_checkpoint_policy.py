@@ -98,11 +98,12 @@ def _fail_with(error):
 
 
 FAILURES = {  # (what fails, the error): none of them says the files are corrupt
-    "I/O error": (ocp.CheckpointManager, OSError(errno.EIO, "Input/output error")),
-    "permission denied": (ocp.CheckpointManager, PermissionError(errno.EACCES, "denied")),
-    "out of memory": (ocp.CheckpointManager,
+    "I/O error": (ocp.StandardCheckpointHandler, OSError(errno.EIO, "Input/output error")),
+    "permission denied": (ocp.StandardCheckpointHandler,
+                          PermissionError(errno.EACCES, "denied")),
+    "out of memory": (ocp.StandardCheckpointHandler,
                       RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 4.0GiB")),
-    "tensorstore permission": (ocp.CheckpointManager,
+    "tensorstore permission": (ocp.StandardCheckpointHandler,
                                ValueError("PERMISSION_DENIED: Error reading local file")),
     "config unreadable": (checkpointing, PermissionError(errno.EACCES, "denied")),
 }
@@ -126,11 +127,11 @@ def test_a_step_folder_that_vanished_while_restoring_is_not_called_corrupt(workd
                                                                           monkeypatch):
     elsewhere = os.path.join(workdir, "elsewhere")
 
-    def vanish(manager, step, **kwargs):  # e.g. another job moved it, a remount
-        shutil.move(os.path.join(workdir, "checkpoints", str(step)), elsewhere)
+    def vanish(handler, directory, **kwargs):  # e.g. another job moved it, a remount
+        shutil.move(os.path.dirname(str(directory)), elsewhere)  # the step folder
         raise FileNotFoundError(errno.ENOENT, "No such file", elsewhere)
 
-    monkeypatch.setattr(ocp.CheckpointManager, "restore", vanish)
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", vanish)
     with pytest.raises(checkpointing.CheckpointRestoreError, match="FileNotFoundError"):
         _restore(workdir, tiny)
     assert _corrupt_moved(workdir) == [] and os.path.isdir(elsewhere)
@@ -140,8 +141,8 @@ def test_main_exits_with_the_message(workdir, tiny, monkeypatch, capsys):
     from dmz_jax import main
     monkeypatch.setattr(main, "FLAGS", types.SimpleNamespace(
         workdir=workdir, fresh=False, distributed=False, coordinator=None, num_processes=None,
-        process_id=None))
-    monkeypatch.setattr(ocp.CheckpointManager, "restore",
+        process_id=None, peer_timeout=60.0))
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore",
                         _fail_with(OSError(errno.EIO, "Input/output error")))
     assert main.train(tiny) == 2
     assert "ERROR: Could not restore the checkpoint at step 2" in capsys.readouterr().err
@@ -200,10 +201,14 @@ def test_a_key_the_code_retired_does_not_block_resume(tiny):
 # ---------------------------------------------------------------------------- processes
 
 
-def _as_process(monkeypatch, index, replies, events):
+def _as_process(monkeypatch, index, replies, events, peer_codes=None):
     """Makes checkpointing see process `index` of 2; the collectives are recorded and the
-    broadcasts answered from `replies` (what process 0 sent), or echoed when it is None."""
-    sent = []
+    broadcasts answered from `replies` (what process 0 sent), or echoed when it is None;
+    the allgather of restore outcomes pairs this process's code with the next of
+    `peer_codes` (what the other process reports; default: the same as this one).
+    The real thing, two processes and a shard only one of them reads:
+    tests/test_multihost_restore.py."""
+    sent, peer_codes = [], list(peer_codes or [])
     monkeypatch.setattr(checkpointing, "_process", lambda: (index, 2))
 
     def broadcast(tree, is_source=None):
@@ -214,8 +219,8 @@ def _as_process(monkeypatch, index, replies, events):
     monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
     monkeypatch.setattr(multihost_utils, "sync_global_devices",
                         lambda name: events.append("barrier"))
-    monkeypatch.setattr(multihost_utils, "process_allgather",
-                        lambda x, tiled=False: np.stack([x, x]))
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x, tiled=False: np.stack(
+        [x, np.int32(peer_codes.pop(0)) if peer_codes else x]))
     real_move = checkpointing._move
     monkeypatch.setattr(checkpointing, "_move",
                         lambda *a: (events.append("move"), real_move(*a)))
@@ -237,3 +242,14 @@ def test_process_0_decides_and_moves_the_others_follow(workdir, tiny, tmp_path, 
     assert int(_restore(other, tiny)["step"]) == 1  # told by process 0
     assert "move" not in events1 and events1.count("barrier") == events0.count("barrier")
     assert _steps(other) == ["1", "2"] and _corrupt_moved(other) == []
+
+
+def test_a_restore_that_failed_on_the_other_process_counts_here(workdir, tiny, monkeypatch):
+    """Process 0 reads step 2 fine, process 1 reports its shard corrupt (outcome code 3):
+    process 0 moves step 2 aside too and both take step 1; were the outcomes not exchanged,
+    process 0 would train on from step 2 alone."""
+    events = []
+    _as_process(monkeypatch, 0, None, events, peer_codes=[checkpointing._CORRUPT])
+    assert int(_restore(workdir, tiny)["step"]) == 1
+    assert _corrupt_moved(workdir) == ["2"] and "move" in events
+

@@ -321,7 +321,8 @@ def test_train_iterator_batches_and_shards(folder):
     again = next(data.train_iterator(cfg, batch_size=4, seed=1, process_index=0, process_count=1))
     np.testing.assert_array_equal(batch["image"], again["image"])
 
-    # Two processes without flips: disjoint equal shares (7 each) of the 15 train images.
+    # Two processes without flips: rows 0-6 and 7-13 of the first global batch of 14 (one
+    # epoch of 15 images, so distinct images): disjoint, 7 each.
     cfg.random_flip = False
     known = dict(zip(hashes(data.load_split(cfg, "train")["image"]), range(15)))
     shares = []

@@ -1,4 +1,5 @@
-"""Preemption: kill -9 at random moments and resume bit-exactly, SIGTERM, a second signal.
+"""Preemption: kill -9 at random moments and resume bit-exactly, SIGTERM / SIGHUP, a second
+signal. A stopped run exits 75 (dmz_jax.preemption.EXIT_PREEMPTED), a finished one 0.
 
 The fault-injection test kills real training processes; DMZ_FAULT_KILLS (default 2: one at a
 random moment, one in the middle of a checkpoint write, and so on alternately) sets how many
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, saved_state, subprocess_env, trained_steps
+from dmz_jax.preemption import EXIT_PREEMPTED
 
 
 
@@ -76,8 +78,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, compile_ca
         proc.wait()
         if max(trained_steps(faulty), default=0) >= steps:
             break
-    assert _start(faulty, steps, cache, log).wait(timeout=300) == 0
-    assert "Restored checkpoint" in open(log).read()
+    last = str(tmp_path / "last_run.txt")  # this run's own log: the others' say the same
+    assert _start(faulty, steps, cache, last).wait(timeout=300) == 0
+    assert "Restored checkpoint at step" in open(last).read()
     want, got = _final_state(reference, steps), _final_state(faulty, steps)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_array_equal(a, b)
@@ -86,16 +89,19 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, compile_ca
 
 
 @pytest.mark.slow  # training subprocesses
-def test_sigterm_checkpoints_the_current_step_and_exits_zero(tmp_path, compile_cache):
+def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, compile_cache):
+    """SIGTERM (preemption notice, SLURM's time limit): a checkpoint of the step reached,
+    exit 75. (SIGHUP takes the same path: the next test.)"""
+    sig = signal.SIGTERM
     workdir, log = str(tmp_path / "work"), str(tmp_path / "log.txt")
     proc = _start(workdir, 10_000, compile_cache, log,
                   "--config.training.checkpoint_every=1000")
     assert _wait_for(lambda: b" loss=" in open(log, "rb").read(), proc, 240), \
         open(log).read()[-3000:]
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, open(log).read()[-3000:]
     text = open(log).read()
-    assert "finishing this step, checkpointing and exiting" in text
+    assert f"Signal {int(sig)}: finishing this step, checkpointing and exiting" in text
     steps = trained_steps(workdir)
     assert len(steps) == 1 and 0 < steps[0] < 1000  # the current step, not a periodic one
     assert f"Stopped at step {steps[0]} after a signal" in text
@@ -108,12 +114,16 @@ def test_second_signal_exits_at_once_and_leaves_a_loadable_checkpoint(tmp_path,
     proc = _start(workdir, 30, cache, log)
     assert _wait_for(lambda: len(trained_steps(workdir)) >= 2, proc, 240), \
         open(log).read()[-3000:]
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGHUP)  # as SIGTERM: the ssh session a TPU VM's shutdown closes
     time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # long before the 2 steps the first one needs
     rc = proc.wait(timeout=120)
-    assert rc in (0, 128 + signal.SIGINT), open(log).read()[-3000:]
-    assert _start(workdir, 30, cache, log).wait(timeout=300) == 0
+    assert rc == 128 + signal.SIGINT, open(log).read()[-3000:]
     text = open(log).read()
+    assert "Signal 1: finishing this step, checkpointing and exiting" in text
+    assert "Second signal 2: exiting now without a checkpoint" in text
+    resumed = str(tmp_path / "resumed.txt")  # the rerun's own log
+    assert _start(workdir, 30, cache, resumed).wait(timeout=300) == 0
+    text = open(resumed).read()
     assert "Restored checkpoint at step" in text and "cannot be loaded" not in text
     assert max(trained_steps(workdir)) == 30

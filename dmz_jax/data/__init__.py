@@ -6,7 +6,6 @@ import: each function imports the module that reads data_cfg.name when called.
 """
 
 import importlib
-import os
 
 from dmz_jax.data.specs import DatasetInfo, DatasetNotFoundError, ImageFolderError
 
@@ -34,11 +33,14 @@ def train_iterator(data_cfg, *, batch_size: int, seed: int, process_index=None,
     """Infinite iterator of numpy batches {"image": float32 [B, S, S, C] in [-1, 1], "label":
     int32 [B]} (+ "attributes": int32 [B, 40] for celeb_a); B = batch_size, per process.
 
-    Each process (default: jax's) reads its own equal share of the train split, held in memory
-    undecoded and reshuffled every epoch, deterministic in (seed, process). Batch start_step is
-    exactly what an iterator started at 0 yields after start_step batches, reached in O(1)
-    (nothing is replayed): resumed training is bit-exact and resumes at once. Raises
-    DatasetNotFoundError at the call, not at the first next().
+    The job's global batch of step s (batch_size * process_count examples) is a function of
+    (seed, s) alone: the train split, held in memory undecoded by every process, reshuffled
+    every epoch; process p (default: jax's) yields its rows p * batch_size ... of it. So 1
+    process with 1 or 8 devices and 2 processes train on the same batches, and a resume
+    onto another topology is exact. Batch start_step is exactly what an iterator started at
+    0 yields after start_step batches, reached in O(1) (nothing is replayed): resumed
+    training is bit-exact and resumes at once. Raises DatasetNotFoundError at the call, not
+    at the first next().
     """
     import jax
     from dmz_jax.data import pipeline
@@ -73,9 +75,9 @@ def pairing_keys(data_cfg, split: str):
         raise ValueError(f"Unknown split {split!r} for {data_cfg.name}")
     if data_cfg.name == "image_folder":
         from dmz_jax.data import image_folder
-        root = os.path.abspath(os.path.expanduser(data_cfg.image_dir))
+        root = image_folder._absolute(data_cfg.image_dir) + "/"  # local or gs://
         files = image_folder.scan(data_cfg).split(split)[0]
-        return np.array([os.path.relpath(f, root) for f in files], dtype=str)
+        return np.array([str(f)[len(root):] for f in files], dtype=str)
     labels = _source(data_cfg).examples(data_cfg, split).map(
         lambda ex: ex["label"], num_parallel_calls=pipeline.AUTOTUNE)
     parts = list(labels.batch(65536).as_numpy_iterator())

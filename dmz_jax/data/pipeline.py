@@ -75,15 +75,21 @@ def train_iterator(source, data_cfg, *, batch_size: int, seed: int, process_inde
                    process_count: int, start_step: int):
     """See dmz_jax.data.train_iterator; `source` is the module that reads data_cfg.name.
 
-    Element k of a process's stream (k = step * batch_size + row) is a pure function of k
-    (`stream_positions`), and data.random_flip flips it with the stateless seed (seed, k).
-    A resumed stream starts at k = start_step * batch_size; the cost of getting there is at
-    most one epoch of integers, whatever the step.
+    One stream for the whole job: element k = step * G + row of the global batch (G =
+    batch_size * process_count) is a pure function of (seed, k) (`stream_positions`), and
+    data.random_flip flips it with the stateless seed (seed, k). Process p yields rows
+    p * batch_size ... (p + 1) * batch_size - 1 of every global batch (the rows its devices
+    hold on a mesh made from jax.devices()), so the global batch of a step is the same on
+    1 process with 1 or 8 devices or on several processes, and a resume onto another
+    topology reads the same data. Every process holds the whole train split, undecoded, and
+    decodes only its rows. A resumed stream starts at k = start_step * G; the cost of
+    getting there is at most one epoch of integers, whatever the step.
     """
-    seed = mix_seed(seed, process_index)
-    table = in_memory(source.examples(data_cfg, "train", process_index, process_count))
+    seed = mix_seed(seed, 0)  # not the process: the stream is the job's
+    table = in_memory(source.examples(data_cfg, "train"))
     n = int(tf.nest.flatten(table)[0].shape[0])
     decode = source.example_fn(data_cfg)
+    global_batch, first_row = batch_size * process_count, batch_size * process_index
 
     def example_at(k, j):
         ex = tf.nest.map_structure(lambda column: tf.gather(column, j), table)
@@ -93,7 +99,13 @@ def train_iterator(source, data_cfg, *, batch_size: int, seed: int, process_inde
             ex = {**ex, "image": tf.image.stateless_random_flip_left_right(ex["image"], op_seed)}
         return ex
 
-    ds = stream_positions(int(start_step) * int(batch_size), n, seed)
+    ds = stream_positions(int(start_step) * global_batch, n, seed)
+    if process_count > 1:
+        def mine(k, j):
+            del j
+            row = k % global_batch
+            return (row >= first_row) & (row < first_row + batch_size)
+        ds = ds.filter(mine)
     ds = ds.map(example_at, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(int(batch_size), drop_remainder=True).prefetch(AUTOTUNE)
     return ds.as_numpy_iterator()
