@@ -8,8 +8,10 @@ first, so Adam's steps are mostly noise) and the gain was +0.00..+0.06
 (seeds 0-3) with the settings below and -0.035 with the tiny config's own (bernoulli bits,
 learning rate 1e-3). At 1,200 steps with the paper configs' deterministic estimator
 (threshold) and learning rate 2e-3 it was +0.119, +0.148, +0.103 and +0.173 (seeds 0-3, one
-CPU device, probes on 2,000 train / 1,000 test images), hence the margin 0.05; at 800 steps
-it was +0.118, +0.107, +0.023 and +0.098, too close for seed 2.
+CPU device, probes on 2,000 train / 1,000 test images); at 800 steps it was +0.118, +0.107,
++0.023 and +0.098. The test trains seed 0 (the config's) for 800 steps, where the gain was
++0.118, against a margin of 0.05 (800 rather than 1,200 steps: a third of CI's longest test;
+seed 2 would be too close at 800).
 """
 
 import json
@@ -21,12 +23,12 @@ import pytest
 from conftest import COMPILE_CACHE, ROOT, TINY, subprocess_env
 
 LEARNS = ("--config.model.binary_estimator=threshold", "--config.training.learning_rate=2e-3",
-          "--config.training.num_steps=1200", "--config.training.log_every=400",
-          "--config.training.checkpoint_every=1200", "--config.eval.probe_train_examples=2000",
+          "--config.training.num_steps=800", "--config.training.log_every=400",
+          "--config.training.checkpoint_every=800", "--config.eval.probe_train_examples=2000",
           "--config.eval.probe_test_examples=1000")
 
 
-@pytest.mark.slow  # a 1,200-step training run (about 2.5 minutes on 2 cores)
+@pytest.mark.slow  # an 800-step training run (about 2.5 minutes under CI's load)
 def test_training_beats_the_untrained_encoder_on_the_linear_probe(tmp_path):
     cmd = [sys.executable, "-m", "dmz_jax.main", f"--config={TINY}", f"--workdir={tmp_path}",
            *LEARNS]
@@ -35,5 +37,5 @@ def test_training_beats_the_untrained_encoder_on_the_linear_probe(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "summary.json") as f:
         summary = json.load(f)
-    assert summary["step"] == 1200
+    assert summary["step"] == 800
     assert summary["probe_accuracy"] > summary["probe_accuracy_at_init"] + 0.05, summary

@@ -1,0 +1,162 @@
+"""The device grid's runner (experiments/device_run.py): its tiny variant end to end on CPU in
+a subprocess where importing TensorFlow raises (the device has none), a budget spent before
+any run and a SIGTERM mid-grid (both must still leave the report), the planner, and the
+numpy data against dmz_jax's pipeline."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import COMPILE_CACHE, ROOT, subprocess_env, tiny_config
+from experiments import device_data, device_run
+
+RUNNER = os.path.join(ROOT, "experiments", "device_run.py")
+# Runs the runner with an import hook that refuses TensorFlow, then prints what was loaded.
+WITHOUT_TENSORFLOW = f"""
+import runpy, sys
+BLOCKED = ("tensorflow", "tensorflow_datasets")
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("the device path imports " + name)
+sys.meta_path.insert(0, NoTensorFlow())
+try:
+    runpy.run_path({RUNNER!r}, run_name="__main__")
+finally:
+    print("TENSORFLOW_MODULES", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED),
+          flush=True)
+"""
+
+
+def _command(out, *flags):
+    return [sys.executable, "-c", WITHOUT_TENSORFLOW, f"--out={out}", "--tiny", *flags]
+
+
+def _run(out, *flags, timeout=300):
+    proc = subprocess.run(_command(out, *flags), cwd=ROOT, env=subprocess_env(COMPILE_CACHE),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "TENSORFLOW_MODULES []" in proc.stdout
+    return proc
+
+
+def _report(out):
+    with open(os.path.join(out, "results_gpu.md")) as f:
+        return f.read()
+
+
+def _progress(out):
+    with open(os.path.join(out, "progress.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow  # two tiny runs and the benchmarks, compiled at -O0: about a minute
+def test_tiny_device_grid_end_to_end_without_tensorflow(tmp_path):
+    out = str(tmp_path / "device")
+    _run(out, "--calls=1", "--rounds=1", "--bench_s=300")
+    text = _report(out)
+    assert "Runs**: 2 of 2 evaluated." in text
+    for variant in ("dmz", "no_z"):  # a row per arm in the runs table
+        assert f"| `{variant}` |" in text
+        assert os.path.exists(os.path.join(out, "runs", f"{variant}-seed0.json"))
+    with open(os.path.join(out, "runs", "dmz-seed0.json")) as f:
+        dmz = json.load(f)
+    assert set(dmz["fd"]) == {"ancestral", "ddim"} and set(dmz["fd"]["ddim"]) == {"2", "5"}
+    assert [c["step"] for c in dmz["curve"]] == [2, 4]  # FD along training, every 2 steps
+    assert dmz["curve"][-1]["fd_K2"] == dmz["fd"]["ancestral"]["2"]
+    assert 0 < dmz["fd"]["ancestral"]["2"] < 1e4 and 0 <= dmz["probe_accuracy"] <= 1
+    assert os.path.exists(os.path.join(out, "results_gpu", "samples_dmz.png"))
+    bench = open(os.path.join(out, "benchmarks_gpu.md")).read()
+    for dtype in ("float32", "bfloat16"):
+        assert f"| dmz_jax | full train step | {dtype} |" in bench
+    assert "## Benchmarks" in text and "## The device run" in text
+    assert {r["status"] for r in _progress(out)["runs"].values()} == {"done"}
+
+
+@pytest.mark.slow  # a process that stops before any run: a few seconds
+def test_a_spent_budget_still_writes_the_report(tmp_path):
+    out = str(tmp_path / "device")
+    proc = _run(out, "--budget_s=0", "--bench_s=0")
+    assert "budget spent before the grid" in proc.stdout
+    assert "Runs**: 0 of 2 evaluated; not yet: dmz/seed0, no_z/seed0." in _report(out)
+
+
+@pytest.mark.slow  # one tiny run, then SIGTERM as `timeout` sends it on the device
+def test_sigterm_mid_grid_keeps_the_finished_runs(tmp_path):
+    out = str(tmp_path / "device")
+    proc = subprocess.Popen(_command(out, "--bench_s=0"), cwd=ROOT,
+                            env=subprocess_env(COMPILE_CACHE), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    first = os.path.join(out, "runs", "dmz-seed0.json")
+    deadline = time.time() + 240
+    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, stdout[-3000:]
+    assert "TENSORFLOW_MODULES []" in stdout
+    text = _report(out)
+    assert "| `dmz` |" in text  # the finished run is in the report
+    runs = _progress(out)["runs"]
+    assert runs["dmz/seed0"]["status"] == "done"
+    # the signal stopped the grid (in the report after the first run, or in the second run),
+    # unless the second run had already finished
+    second = runs.get("no_z/seed0", {}).get("status")
+    assert ("Stopped early" in text and second in (None, "stopped by a signal")
+            ) or "2 of 2 evaluated" in text
+
+
+def _grid(estimate, **extra):
+    return {"variants": {"a": {}, "b": {}}, "seeds": (0, 1), "protocol": {"ddim_variants": ("a",)},
+            "estimate": estimate, **extra}
+
+
+def test_run_order_goes_tier_by_tier_and_seed_by_seed():
+    grid = _grid({}, variants={"a": {}, "b": {}, "c": {}}, order=(("a", "b"), ("c",)))
+    assert device_run.run_order(grid) == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("c", 0),
+                                          ("c", 1)]
+    assert device_run.run_order(_grid({})) == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+
+
+def test_planner_uses_the_estimate_then_the_measurements():
+    planner = device_run.Planner(_grid({"first_run_s": 70.0, "next_run_s": 30.0,
+                                        "ddim_extra_first_s": 20.0, "ddim_extra_next_s": 5.0}))
+    assert planner.arm_s("b", 2) == 100.0  # 70 + 30
+    assert planner.arm_s("a", 2) == 125.0  # DDIM: 90 + 35
+    assert planner.run_s("b", first=False) == 30.0
+    planner.record(first=True, seconds=50.0)
+    assert planner.run_s("b", first=True) == 50.0
+    assert planner.run_s("b", first=False) == 50.0  # no later seed measured: the first's
+    planner.record(first=False, seconds=10.0)
+    planner.record(first=False, seconds=20.0)
+    assert planner.arm_s("a", 3) == 50.0 + 2 * 15.0
+
+
+def test_train_batches_pair_seeds_and_cover_epochs():
+    split = {"image": np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1),
+             "label": np.arange(10, dtype=np.int32)}
+    take = lambda seed, n: [b["label"] for _, b in zip(range(n), device_data.train_batches(
+        split, 4, seed))]
+    first, again, other = take(0, 5), take(0, 5), take(1, 5)
+    assert all((a == b).all() for a, b in zip(first, again))  # a seed: the same order
+    assert any((a != b).any() for a, b in zip(first, other))
+    labels = np.concatenate(first)  # 20 rows = epochs 0 and 1, each a permutation
+    assert sorted(labels[:10]) == list(range(10)) and sorted(labels[10:]) == list(range(10))
+
+
+def test_numpy_data_matches_the_pipeline():
+    """device_data.load_split gives dmz_jax.data.load_split's arrays for the bundled source."""
+    from dmz_jax import data
+    config = tiny_config()
+    for split in ("train", "test"):
+        ours = device_data.load_split(config.data, split, 64)
+        theirs = data.load_split(config.data, split, 64)
+        assert ours["image"].shape == (64, 32, 32, 1) and ours["image"].dtype == np.float32
+        np.testing.assert_array_equal(ours["image"], theirs["image"])
+        np.testing.assert_array_equal(ours["label"], theirs["label"])
