@@ -30,8 +30,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 # last and leave the other worker idle at the end of the run.
 LONG_FILES_FIRST = ("test_learning.py", "test_preemption.py", "test_multiprocess.py",
                     "test_train.py", "test_modes.py", "test_authors_train.py",
-                    "test_convert_workdir.py", "test_ablations.py", "test_sharding.py",
-                    "test_inference.py", "test_bridge.py", "test_design_options.py",
+                    "test_convert_workdir.py", "test_ablations.py", "test_device_grid.py",
+                    "test_sharding.py", "test_inference.py", "test_bridge.py", "test_design_options.py",
                     "test_mutual_information.py", "test_memory_knobs.py", "test_notebook.py",
                     "test_reliability.py", "test_multihost_restore.py")
 
