@@ -25,7 +25,7 @@ is abandoned; the report follows in a few seconds, so the whole command ends wit
 minutes. SIGTERM or SIGINT (e.g. `timeout -s TERM`) also stop it, with the report written.
 Rerunning with the same --out skips the runs already stored there.
 
-On a device session (docs/results.md, "The device grid"), here first:
+On a device session (docs/device_grid.md), here first:
 
     echo /.whl/ >> .git/info/exclude
     .venv/bin/pip download --no-deps -d .whl ml-collections==1.1.0 clu==0.0.12

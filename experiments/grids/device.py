@@ -1,7 +1,7 @@
 """The device grid: what one H100 can answer in 8 minutes, start to finish.
 
-    python experiments/device_run.py --out=runs/device          # on the device (docs/results.md,
-                                                                 # "The device grid": carry + run)
+    python experiments/device_run.py --out=runs/device          # on the device
+                                                                 # (docs/device_grid.md: carry + run)
     python experiments/device_run.py --out=/tmp/device --tiny   # tests: CPU, 40 s to 2 min
 
 The same base, protocol and arms as experiments/grids/cpu.py (configs/fashion_mnist.py,
