@@ -523,7 +523,7 @@ def run_grid(grid: dict, arms: dict, mesh, results: dict, progress: Progress, ou
             continue
         say(f"run {variant}/seed{seed} (predicted {need:.0f} s, {left:.0f} s left)")
         result, seconds, stop = run_and_store(grid, variant, seed, arms, mesh, data, features,
-                                              out, deadline, progress)
+                                              out, deadline, progress, results)
         if stop:
             return
         if result is None:
@@ -536,9 +536,10 @@ def run_grid(grid: dict, arms: dict, mesh, results: dict, progress: Progress, ou
 
 
 def run_and_store(grid: dict, variant: str, seed: int, arms: dict, mesh, data: dict,
-                  features: Features, out: str, deadline: float, progress: Progress):
+                  features: Features, out: str, deadline: float, progress: Progress,
+                  results: dict):
     """(result or None, seconds as the planner counts them, whether the grid must stop) of
-    one run, stored in DIR/runs. The deadline passing stops the grid; a run that fails (an
+    one run, stored in DIR/runs and in `results` (with SIGTERM/SIGINT held off meanwhile). The deadline passing stops the grid; a run that fails (an
     exception) is recorded as failed and the grid goes on, since the device is seen once.
     The seconds of an arm's first run include the train step's compile also when the
     benchmarks did it."""
@@ -566,10 +567,16 @@ def run_and_store(grid: dict, variant: str, seed: int, arms: dict, mesh, data: d
         return None, time.time() - start, False
     seconds = time.time() - start
     result["fd_classifier_test_accuracy"] = features.test_accuracy
-    write_json(os.path.join(out, "runs", f"{variant}-seed{seed}.json"), result)
-    progress.run(variant, seed, status="done", seconds=round(seconds, 1),
-                 train_s=round(result["train_seconds"], 1),
-                 compile_s=None if arm.compile_s is None else round(arm.compile_s, 1))
+    signals = {signal.SIGTERM, signal.SIGINT}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:  # stored, marked done and counted together: a signal now waits until all three are
+        write_json(os.path.join(out, "runs", f"{variant}-seed{seed}.json"), result)
+        progress.run(variant, seed, status="done", seconds=round(seconds, 1),
+                     train_s=round(result["train_seconds"], 1),
+                     compile_s=None if arm.compile_s is None else round(arm.compile_s, 1))
+        results[variant, seed] = result
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     say(f"done {variant}/seed{seed} in {seconds:.0f} s: FD {result['fd']['ancestral']}, "
         f"probe {result['probe_accuracy']}")
     return result, seconds + (arm.compile_s if compiled_before and arm.compile_s else 0.0), False
