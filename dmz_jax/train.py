@@ -133,11 +133,10 @@ def _write_window(run: Run, step: int, window, outputs: dict) -> Optional[float]
 def _with_stop_flag(batches, signals: preemption.StopSignals, mesh):
     """Each global batch with "stop": this process's signal flag, read as the batch is
     dispatched, one int32 per device (the train step reduces them over every process)."""
-    devices = len(mesh.local_devices)
+    devices, split = len(mesh.local_devices), sharding.batch_sharding(mesh)
     for batch in batches:
         flag = np.full((devices,), int(signals.requested), np.int32)
-        yield {**batch, "stop": jax.make_array_from_process_local_data(
-            sharding.batch_sharding(mesh), flag)}
+        yield {**batch, "stop": jax.make_array_from_process_local_data(split, flag)}
 
 
 def train(run: Run, state: TrainState, signals: Optional[preemption.StopSignals] = None

@@ -26,13 +26,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_pair(mode, workdir, tmp_path):
-    """(exit codes, outputs) of the two worker processes in `mode`."""
-    env, port = subprocess_env(tmp_path / "cache"), str(_free_port())
-    worker = os.path.join(ROOT, "tests", "multihost_restore_worker.py")
-    logs = [str(tmp_path / f"{mode}{i}.txt") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, worker, mode, port, str(i), workdir],
-                              cwd=ROOT, env=env, stdout=open(logs[i], "wb"),
+def _run_two(argv_of, log_prefix):
+    """(exit codes, outputs) of two processes, argv_of(i, port) each, logged to
+    LOG_PREFIX{0,1}.txt; any still running after 120 s is killed."""
+    env, port = subprocess_env(os.path.dirname(log_prefix) + "/cache"), str(_free_port())
+    logs = [f"{log_prefix}{i}.txt" for i in range(2)]
+    procs = [subprocess.Popen(argv_of(i, port), cwd=ROOT, env=env, stdout=open(logs[i], "wb"),
                               stderr=subprocess.STDOUT) for i in range(2)]
     try:
         codes = [p.wait(timeout=120) for p in procs]
@@ -41,6 +40,13 @@ def _run_pair(mode, workdir, tmp_path):
             if p.poll() is None:
                 p.kill()
     return codes, [open(log).read() for log in logs]
+
+
+def _run_pair(mode, workdir, tmp_path):
+    """(exit codes, outputs) of the two worker processes in `mode`."""
+    worker = os.path.join(ROOT, "tests", "multihost_restore_worker.py")
+    return _run_two(lambda i, port: [sys.executable, worker, mode, port, str(i), workdir],
+                    str(tmp_path / mode))
 
 
 def test_a_chunk_one_process_reads_is_corrupt_for_both(tmp_path):
@@ -61,21 +67,10 @@ def test_a_chunk_one_process_reads_is_corrupt_for_both(tmp_path):
 def test_a_workdir_the_processes_do_not_share_is_refused_by_both(tmp_path):
     """Two processes given different --workdir folders (as two hosts with local disks):
     both refuse before training, exit 2, naming the process that cannot read the token."""
-    port = str(_free_port())
-    env = subprocess_env(tmp_path / "cache")
-    logs = [str(tmp_path / f"refuse{i}.txt") for i in range(2)]
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "dmz_jax.main", f"--config={TINY}",
-         f"--workdir={tmp_path / f'host{i}'}", f"--coordinator=localhost:{port}",
-         "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env,
-        stdout=open(logs[i], "wb"), stderr=subprocess.STDOUT) for i in range(2)]
-    try:
-        codes = [p.wait(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    texts = [open(log).read() for log in logs]
+    codes, texts = _run_two(lambda i, port: [
+        sys.executable, "-m", "dmz_jax.main", f"--config={TINY}",
+        f"--workdir={tmp_path / f'host{i}'}", f"--coordinator=localhost:{port}",
+        "--num_processes=2", f"--process_id={i}"], str(tmp_path / "refuse"))
     assert codes == [2, 2], "\n".join(t[-3000:] for t in texts)
     for text in texts:
         assert "is not shared by the 2 processes: process(es) 1 cannot read" in text
