@@ -50,6 +50,7 @@ import os
 
 from configs import fashion_mnist
 from configs.authors import fashion_mnist as authors_fashion_mnist
+from experiments.grids import cpu
 
 COMMON = {  # the budget, shared by every run
     "model.latent_dim": 16,
@@ -119,15 +120,8 @@ def get_grid(variant: str = ""):
         "base": "configs/fashion_mnist.py",
         "common": dict(COMMON),
         "seeds": (0, 1),
-        "variants": {
-            "dmz": {},  # binary z, 16 bits, cross-attention
-            "no_z": {"model.latent_type": "none"},  # the same U-Net, no encoder
-            "gaussian": {"model.latent_type": "gaussian"},  # z ~ N(0, I) at sampling
-            "time_embedding": {"model.conditioning": "time_embedding"},
-            "z64": {"model.latent_dim": 64},
-            "z256": {"model.latent_dim": 256},
-            "authors": authors_overrides(),
-        },
+        # the CPU grid's arms (the same overrides, so the two reports compare), plus ours
+        "variants": {**cpu.get_grid()["variants"], "authors": authors_overrides()},
         "protocol": dict(PROTOCOL),
         "order": ORDER,
         "estimate": dict(ESTIMATE),
