@@ -41,7 +41,7 @@ flags.DEFINE_bool("report_only", False, "Only render the report from what is sto
 
 PROTOCOL_KEYS = ("fd_steps", "fd_num_samples", "fd_features", "classifier_steps",
                  "nll_examples", "prior_steps", "curve_steps", "ddim_variants",
-                 "prior_variants", "curve_variants")
+                 "prior_variants", "curve_variants", "fd_repeats", "infodiffusion_probe")
 
 
 class GridError(ValueError):
@@ -101,8 +101,11 @@ def run_config(grid: dict, variant: str, seed: int):
 
 
 def runs_of(grid: dict) -> list[tuple[str, int]]:
-    """(variant, seed) in running order: every variant's first seed, then the second..."""
-    return [(v, int(s)) for s in grid["seeds"] for v in grid["variants"]]
+    """(variant, seed) in running order: tier by tier (grid["order"]: tuples of variants;
+    default one tier of every variant), each tier seed by seed, so that a stopped grid
+    already holds whole paired comparisons."""
+    tiers = grid.get("order") or (tuple(grid["variants"]),)
+    return [(v, int(s)) for tier in tiers for s in grid["seeds"] for v in tier]
 
 
 def workdir_of(root: str, variant: str, seed: int) -> str:
@@ -182,13 +185,34 @@ class Features:
         return self._built
 
 
-def _fd(model, features: Features, n: int, k: int, **kwargs) -> float:
+def _fd(model, features: Features, n: int, k: int, seed: Optional[int] = None,
+        **kwargs) -> float:
+    """FD of n samples at K = k (z and x_T from `seed`, default sampling.seed: every variant
+    of a grid draws the same noise) against the protocol's real statistics."""
     from dmz_jax import evaluate
     from dmz_jax.metrics import frechet
     _, fn, real, _ = features.get()
-    stats = evaluate.sample_statistics(model, fn, n, steps=k, seed=model.config.sampling.seed,
-                                       **kwargs)
+    seed = model.config.sampling.seed if seed is None else seed
+    stats = evaluate.sample_statistics(model, fn, n, steps=k, seed=seed, **kwargs)
     return float(frechet.frechet_distance(*stats.statistics(), *real))
+
+
+def infodiffusion_probe(model, config, protocol: dict) -> dict:
+    """InfoDiffusion's latent-quality probe (metrics.probes.infodiffusion_probe: 5-fold
+    logistic regression on standardised codes) on the deterministic codes of the split that
+    protocol["infodiffusion_probe"] names, for the trained encoder and for the untrained one
+    (dmz_jax.baseline.untrained: the state this run started from)."""
+    from dmz_jax import baseline, data
+    from dmz_jax.metrics import probes
+    split = data.load_split(config.data, protocol["infodiffusion_probe"])
+    untrained = model.with_params(*baseline.untrained(config, model.model, model.mesh))
+    out = {"split": protocol["infodiffusion_probe"], "examples": int(len(split["label"]))}
+    for suffix, m in (("", model), ("_at_init", untrained)):
+        m = m.with_batch_size(config.eval.encode_batch_size)
+        mean, std = probes.infodiffusion_probe(m.encode(split["image"]), split["label"],
+                                               seed=0)  # their random_state, every seed
+        out.update({"accuracy" + suffix: mean, "accuracy_std" + suffix: std})
+    return out
 
 
 def _learned_prior(model, config, workdir: str) -> Optional[dict]:
@@ -248,6 +272,13 @@ def evaluate_run(grid: dict, variant: str, seed: int, config, workdir: str,
     model = api.load(workdir, config=config)
     fd = {"ancestral": {str(k): _fd(model, features, n, int(k)) for k in p["fd_steps"]}}
     result = {"variant": variant, "seed": seed, "step": model.step, "fd": fd}
+    if int(p.get("fd_repeats", 1)) > 1:  # the sample-to-sample spread of one trained model
+        k0 = int(p["fd_steps"][0])
+        fd["repeats"] = {str(k0): [fd["ancestral"][str(k0)]] + [
+            _fd(model, features, n, k0, seed=model.config.sampling.seed + r)
+            for r in range(1, int(p["fd_repeats"]))]}
+    if p.get("infodiffusion_probe") and model.model.uses_latent:
+        result["probe_infodiffusion"] = infodiffusion_probe(model, config, p)
     if variant in p.get("ddim_variants", ()):
         fd["ddim"] = {str(k): _fd(model, features, n, int(k), method="ddim")
                       for k in p["fd_steps"]}

@@ -3,17 +3,18 @@
 one CPU device each, with the default data pipeline (each process reads its rows of the
 job's global batch).
 
-One test, three starts of the pair (each costs about a minute of compiling on 2 cores:
+One test, two starts of the pair (each costs about a minute of compiling on 2 cores:
 XLA:CPU recompiles a cached multi-process executable at its first call):
 1. a fresh pair checkpoints every step; process 1 is killed (-9) and process 0, left
    alone, exits 76 (dmz_jax.preemption.EXIT_PEER_LOST) by itself within --peer_timeout +
    60 s, naming process 1;
 2. the newest checkpoint is moved away and the pair restarted; SIGTERM to process 1 while
    it is still restoring or compiling: both train to the same step, checkpoint it and exit
-   75 (EXIT_PREEMPTED), having recomputed the moved step bit for bit;
-3. the rerun finishes with the parameters of one process on 1 device (float32 round-off
-   of the all-reduce; 1 device = 8 devices is tests/test_train.py's
-   test_data_fsdp_and_mixed_meshes_match_one_device, on the same data pipeline).
+   75 (EXIT_PREEMPTED), having recomputed the moved step bit for bit; the parameters they
+   stopped with (trained by two processes across a kill and two restores) are those of one
+   process on 1 device at that step (float32 round-off of the all-reduce; 1 device = 8
+   devices is tests/test_train.py's test_data_fsdp_and_mixed_meshes_match_one_device, on
+   the same data pipeline). That a stopped pair resumes is part 2's own restore.
 """
 
 import os
@@ -97,23 +98,19 @@ def _saved_state(workdir, step):
             state=ocp.args.StandardRestore(abstract))).state
 
 
-def _one_process(tmp_path_factory, devices: int):
-    """The params after STEPS steps of one process on `devices` devices, default data."""
-    config = tiny_config()
-    config.training.num_steps, config.eval.at_end = STEPS, False
-    run = train.Run(config, str(tmp_path_factory.mktemp(f"one_process_{devices}")),
-                    mesh=sharding.create_mesh(devices=jax.devices()[:devices]))
-    state, _, _ = train.train(run, run.initial_state())
-    run.close()
-    return jax.device_get(state.params)
-
-
 @pytest.fixture(scope="module")
-def one_process_params(tmp_path_factory):
-    """{devices: params} for one process on 1 device. (1 device and 8 devices, data- and
-    fsdp-sharded, on the same default pipeline: tests/test_train.py's
-    test_data_fsdp_and_mixed_meshes_match_one_device.)"""
-    return {n: _one_process(tmp_path_factory, n) for n in (1,)}
+def one_process_workdir(tmp_path_factory):
+    """A workdir of STEPS steps of one process on 1 device, default data, a checkpoint at
+    every step (kept). (1 device and 8 devices, data- and fsdp-sharded, on the same default
+    pipeline: tests/test_train.py's test_data_fsdp_and_mixed_meshes_match_one_device.)"""
+    config = tiny_config()
+    config.training.update(num_steps=STEPS, checkpoint_every=1, keep_checkpoints=STEPS)
+    config.eval.at_end = False
+    workdir = str(tmp_path_factory.mktemp("one_process"))
+    run = train.Run(config, workdir, mesh=sharding.create_mesh(devices=jax.devices()[:1]))
+    train.train(run, run.initial_state())
+    run.close()
+    return workdir
 
 
 def _wait_for(predicate, procs, log, timeout=240):
@@ -129,7 +126,7 @@ def _fail(log):
 
 
 def test_two_processes_lose_one_stop_together_resume_exactly_and_train_like_one(
-        one_process_params, cache, tmp_path):
+        one_process_workdir, cache, tmp_path):
     workdir = str(tmp_path / "work")
     steps = f"--config.training.num_steps={STEPS}"
 
@@ -169,14 +166,11 @@ def test_two_processes_lose_one_stop_together_resume_exactly_and_train_like_one(
                     jax.tree.leaves(_saved_state(workdir, killed_at))):
         np.testing.assert_array_equal(a, b)
 
-    # 3. the rerun finishes: the parameters of one process (1 or 8 devices) on the same
-    # data; the all-reduces differ (gloo, one process's devices): float32 round-off
-    log = str(tmp_path / "run3_")
-    procs = _start_pair(workdir, cache, log, steps)
-    assert _wait_all(procs) == [0, 0], _fail(log)
-    assert all(f"Restored checkpoint at step {stop} " in t for t in _logs(log))
-    got = _saved_state(workdir, STEPS)
-    assert int(got.step) == STEPS
-    for devices, params in one_process_params.items():
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(got.params)):
-            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=f"{devices} devices")
+    # ... with the parameters of one process on 1 device at that step (the all-reduces
+    # differ: gloo over two processes, none on one device: float32 round-off)
+    got, want = _saved_state(workdir, stop), _saved_state(one_process_workdir, stop)
+    assert int(got.step) == int(want.step) == stop
+    for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
+        # atol 1% of one Adam step (lr 1e-3): see test_train's mesh test (seen: 1 of 6,912
+        # elements 1.75e-6 apart on another CPU)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)

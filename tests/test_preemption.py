@@ -111,7 +111,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, compile_cac
 def test_second_signal_exits_at_once_and_leaves_a_loadable_checkpoint(tmp_path,
                                                                        compile_cache):
     workdir, log, cache = str(tmp_path / "work"), str(tmp_path / "log.txt"), compile_cache
-    proc = _start(workdir, 30, cache, log)
+    proc = _start(workdir, 10, cache, log)
     assert _wait_for(lambda: len(trained_steps(workdir)) >= 2, proc, 240), \
         open(log).read()[-3000:]
     proc.send_signal(signal.SIGHUP)  # as SIGTERM: the ssh session a TPU VM's shutdown closes
@@ -123,7 +123,7 @@ def test_second_signal_exits_at_once_and_leaves_a_loadable_checkpoint(tmp_path,
     assert "Signal 1: finishing this step, checkpointing and exiting" in text
     assert "Second signal 2: exiting now without a checkpoint" in text
     resumed = str(tmp_path / "resumed.txt")  # the rerun's own log
-    assert _start(workdir, 30, cache, resumed).wait(timeout=300) == 0
+    assert _start(workdir, 10, cache, resumed).wait(timeout=300) == 0
     text = open(resumed).read()
     assert "Restored checkpoint at step" in text and "cannot be loaded" not in text
-    assert max(trained_steps(workdir)) == 30
+    assert max(trained_steps(workdir)) == 10

@@ -160,7 +160,10 @@ def test_data_fsdp_and_mixed_meshes_match_one_device():
         mesh = sharding.create_mesh(data_axis, fsdp)
         state8, metrics8 = _steps_on_mesh(config, mesh, batches)
         for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            # atol: 1% of one Adam step (lr 1e-3): Adam divides by sqrt(v), so an element
+            # whose gradient is at round-off level moves by up to lr either way (seen: 1 of
+            # 9,216 elements 1.2e-6 apart on another CPU); a wrong shard moves many by ~lr
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
         for step in range(3):
             np.testing.assert_allclose(metrics8[step]["loss"], metrics1[step]["loss"],
                                        rtol=1e-5)
@@ -188,7 +191,9 @@ def test_one_train_step_on_mock_data(config_name, image_shape, tmp_path, monkeyp
         it = data.train_iterator(config.data, batch_size=8, seed=0)
         batch = next(it)
     assert batch["image"].shape == (8, *image_shape)
-    state, metrics = _steps_on_mesh(config, sharding.create_mesh(), [batch])
+    # one device: the meshes are test_data_fsdp_and_mixed_meshes_match_one_device's
+    state, metrics = _steps_on_mesh(config, sharding.create_mesh(devices=jax.devices()[:1]),
+                                    [batch])
     assert int(state.step) == 1 and np.isfinite(metrics[0]["loss"])
 
 

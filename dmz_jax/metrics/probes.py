@@ -106,3 +106,50 @@ def cross_validated_probe(codes, targets, *, attributes: bool = False, folds: in
     per_fold = np.nanmean(scores, axis=0)
     return float(per_fold.mean()), float(per_fold.std()), scores
 
+
+
+def infodiffusion_probe(codes, labels, *, folds: int = 5, seed: int = 0) -> tuple[float, float]:
+    """InfoDiffusion's latent-quality probe (Wang et al. 2023): k-fold logistic-regression accuracy.
+
+    Read from isjakewong/InfoDiffusion `eval_disentanglement.py` (commit 43c8728, `__main__`;
+    README "Latent classification": run.py --mode save_latent, then eval_disentanglement.py):
+      - codes: run.py `save_latent` encodes the Fashion-MNIST TRAIN split only (data.py
+        `get_fmnist`: FashionMNIST(train=True), RandomHorizontalFlip on, unshuffled,
+        drop_last=True: 59,968 of 60,000 at the default batch 64); the code is the encoder's `a`
+        (its mean `mu` when kld_weight != 0). All saved rows go into the cross-validation; there
+        is no test split. (Their `__main__` hard-codes `dataset = "celeba"`; the "fmnist" branch
+        -- y_names ["Class"], output_type "c", y = all_attr[:, None] -- needs that line edited.)
+      - folds: `KFold(n_splits=5, shuffle=True, random_state=0)`: shuffled, NOT stratified; the
+        random state is 0 whatever the run's --r_seed.
+      - per fold: `StandardScaler()` fitted on the training fold only, applied to both folds;
+        then `PredMetric("Linear", "c")`: `LogisticRegression()` with sklearn defaults (params
+        {}: C=1.0, L2, lbfgs, max_iter=100, multinomial for > 2 classes), fitted on the
+        standardised training fold.
+      - metric: `accuracy_score(test_y, predict(test_x))` per fold; printed as
+        "Avg Acc (Linear), mean \\pm std" with np.mean / np.std (ddof 0) over the 5 folds.
+    Here the same, `folds` and `seed` giving n_splits and random_state (defaults: theirs).
+    Constant columns are scaled by 1 (StandardScaler's zero-variance rule): no NaN. The codes'
+    dtype is kept (float32 codes are standardised in float32, as their torch-saved codes were);
+    max_iter stays at 100, so sklearn may warn that lbfgs did not converge, as it would for them.
+
+    Args:
+      codes: [N, D] latent codes (real or 0/1), all rows to cross-validate over.
+      labels: [N] integer class labels.
+    Returns:
+      (mean test accuracy over the folds, std over the folds).
+    """
+    from sklearn.linear_model import LogisticRegression  # heavy imports, only when probing
+    from sklearn.model_selection import KFold
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(codes)
+    y = np.asarray(labels).reshape(-1)
+    if x.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"codes must be [N, D] and labels [N]; got {x.shape} and {y.shape}.")
+    accuracies = []
+    for train, test in KFold(n_splits=folds, shuffle=True, random_state=seed).split(x):
+        scaler = StandardScaler().fit(x[train])
+        clf = LogisticRegression().fit(scaler.transform(x[train]), y[train])
+        accuracies.append(float(np.mean(clf.predict(scaler.transform(x[test])) == y[test])))
+    accuracies = np.asarray(accuracies)
+    return float(accuracies.mean()), float(accuracies.std())
