@@ -6,15 +6,16 @@ and the sample grids it copies may be local or gs:// (etils.epath).
 Nothing here measures anything, so the same results always give the same report.
 
 Verdict rule: "A beats B" at one point (a K) is *resolved* when every seed of A beats every
-seed of B (the seed ranges do not overlap, at least two seeds a side), or when the paired
-t-test over the seeds both arms have (experiments/stats.py) gives p < 0.05; the direction is
-the sign of the mean. Otherwise the difference is within the spread and the claim is *not
+seed of B (the seed ranges do not overlap) with enough seeds that this is unlikely by chance
+(`range_rule_p` < 0.05: 4 a side), or when the paired t-test over the seeds both arms have
+(experiments/stats.py) gives p < 0.05; the direction is the sign of the mean. Otherwise the difference is within the spread and the claim is *not
 resolved at this budget*.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from typing import Callable, Optional
 
 import numpy as np
@@ -24,6 +25,7 @@ from experiments import stats
 
 HOLDS, FAILS, OPEN, NOT_RUN = ("holds", "does not hold", "not resolved at this budget",
                                "not run in this grid")
+NOT_YET = "not run yet (its arms are in the grid; the runner continues it)"
 CLAIMS = {
     1: "Few-step generation: DMZ (binary z ~ Bernoulli(0.5), cross-attention) has a lower FD "
        "than the same U-Net without z at K=10 and K=20, and the gap narrows by K=100.",
@@ -85,12 +87,21 @@ def mean_sd(values: list) -> str:
     return f"{_num(np.mean(values))} ± {_num(np.std(values, ddof=1), 2)}"
 
 
+def range_rule_p(n_a: int, n_b: int) -> float:
+    """The chance that every one of n_a values beats every one of n_b values, in either
+    direction, when the two arms do not differ (all orders equally likely): 2 / C(n_a + n_b,
+    n_a), the exact two-sided p-value of a Mann-Whitney U of 0 (2 vs 2 seeds: 1/3; 4 vs 4:
+    1/35)."""
+    return 2.0 / math.comb(n_a + n_b, n_a)
+
+
 def compare(a: list, b: list, lower_is_better: bool = True) -> str:
-    """"better" when every seed of a beats every seed of b, "worse" for the reverse,
-    "within spread" otherwise (or with fewer than 2 seeds a side), "-" when one is absent."""
+    """"better" when every seed of a beats every seed of b, "worse" for the reverse, counted
+    only when that could hardly happen by chance (range_rule_p < 0.05: 4 seeds a side, or 3
+    and 5); "within spread" otherwise, "-" when one is absent."""
     if not a or not b:
         return "-"
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 2 or len(b) < 2 or range_rule_p(len(a), len(b)) >= stats.ALPHA:
         return "within spread"
     if not lower_is_better:
         a, b = [-x for x in a], [-x for x in b]
@@ -177,7 +188,7 @@ def claim_versus(results, steps, reference: str, other: str, other_label: str,
                  reference_kind: str = "ancestral", other_kind: str = "ancestral"):
     """Claims 2, 3 and 6: reference beats other at every K."""
     if not any(v == other for v, _ in results) or not any(v == reference for v, _ in results):
-        return [f"Variant `{other}` or `{reference}` is not in this grid."], NOT_RUN
+        return [f"No evaluated run of `{reference}` and `{other}` (yet)."], NOT_RUN
     outcomes = _pairwise(results, (reference, reference_kind), (other, other_kind), steps)
     lines = _fd_table(results, [(f"`{reference}` ({reference_kind})", reference,
                                  reference_kind),
@@ -344,12 +355,24 @@ def power_section(results, grid) -> list[str]:
              "| arm | pilot FD (mean ± seed SD) | sample SD (same model, another noise "
              "seed; pooled) |", "|---|---|---|"]
     arms = sorted({v for v, _ in pilot}, key=list(grid["variants"]).index)
+    ratios = []
     for v in arms:
         repeats = [r["fd"]["repeats"][k] for (arm, _), r in pilot.items()
                    if arm == v and "repeats" in r["fd"]]
         sample_sd = stats.pooled_sd(repeats)
-        lines.append(f"| `{v}` | {mean_sd(seeds_values(pilot, v, fd_of('ancestral', k)))} | "
+        values = seeds_values(pilot, v, fd_of("ancestral", k))
+        if sample_sd is not None and len(values) > 1 and np.std(values, ddof=1) > 0:
+            ratios.append(sample_sd / np.std(values, ddof=1))
+        lines.append(f"| `{v}` | {mean_sd(values)} | "
                      f"{'-' if sample_sd is None else _num(sample_sd, 2)} |")
+    if ratios:
+        n = grid["protocol"]["fd_num_samples"]
+        lines += ["", f"Samples per FD: the FD of one trained model moves by "
+                  f"{min(ratios):.0%}-{max(ratios):.0%} of the seed-to-seed SD when only the "
+                  f"sampling noise changes (per arm), so with {n} samples the seed (training) "
+                  "is " + ("what limits the comparisons: more samples per FD would not help, "
+                           "more seeds would." if max(ratios) < 0.25 else
+                           "not the only noise: more samples per FD would also help.")]
     lines += ["", "| claim | pair (B - A) | pilot paired gap, mean ± SD | paper's effect | "
               "delta here | seeds needed (power 0.8) |", "|---|---|---|---|---|---|"]
     needed = []
@@ -544,7 +567,8 @@ def write_report(grid: dict, results: dict, path: str, command: str) -> None:
            f"- **Runs**: {len(results)} of {len(expected)} evaluated"
            + (f"; not yet: {', '.join(missing)}." if missing else "."),
            "- **Verdicts**: \"A beats B\" at a K is resolved when every seed of A beats "
-           "every seed of B (non-overlapping seed ranges, 2 seeds or more a side) or when the "
+           "every seed of B with enough seeds for that to be unlikely by chance (exact p = "
+           "2 / C(n_A + n_B, n_A) < 0.05: 4 seeds a side; 2 a side would give 1/3) or when the "
            "two-sided paired t-test over the seeds both have gives p < 0.05 (a seed gives "
            "every arm the same data order, initialisation of shared modules, x_T noise and "
            "z draws); otherwise it is *not resolved at this budget*. Values are mean ± "
@@ -558,6 +582,9 @@ def write_report(grid: dict, results: dict, path: str, command: str) -> None:
         (5, *claim_convergence(results, int(p.get("curve_steps", steps[0])))),
         (6, *claim_ddim(results, steps, grid["protocol"].get("ddim_variants", ("dmz",)))),
     ]
+    arms = {1: ("dmz", "no_z"), 2: ("dmz", "gaussian"), 3: ("dmz", "time_embedding")}
+    sections = [(n, lines, NOT_YET if verdict == NOT_RUN and set(arms.get(n, ("?",)))
+                 <= set(grid["variants"]) else verdict) for n, lines, verdict in sections]
     out += ["## Verdicts", "", "| claim | verdict |", "|---|---|"]
     out += [f"| {n}. {CLAIMS[n].split(':')[0]} | {verdict} |" for n, _, verdict in sections]
     out.append("")
@@ -583,4 +610,6 @@ def write_report(grid: dict, results: dict, path: str, command: str) -> None:
         if first and copy.exists():  # kept from an earlier report when the run is gone
             out += [f"`{v}`: ![samples of {v}]({rel}/samples_{v}.png)", ""]
     out += ["## Runs", ""] + _runs_table(results, grid) + [""]
+    for title, text in grid.get("appendix", {}).items():  # fixed text the grid file gives
+        out += [f"## {title}", "", text, ""]
     path.write_text("\n".join(out))

@@ -28,12 +28,20 @@ def _results(a: dict, b: dict, names=("dmz", "gaussian")) -> dict:
     return out
 
 
-def test_compare_resolves_only_non_overlapping_seed_ranges():
-    assert report.compare([1.0, 2.0], [3.0, 4.0]) == "better"
-    assert report.compare([3.0, 4.0], [1.0, 2.0]) == "worse"
-    assert report.compare([1.0, 3.5], [3.0, 4.0]) == "within spread"
+def test_compare_resolves_only_non_overlapping_seed_ranges_unlikely_by_chance():
+    four, higher = [1.0, 2.0, 1.5, 1.2], [3.0, 4.0, 3.5, 3.2]
+    assert report.compare(four, higher) == "better"
+    assert report.compare(higher, four) == "worse"
+    assert report.compare([1.0, 3.5, 1.5, 1.2], higher) == "within spread"
+    assert report.compare([0.9, 0.8, 0.85, 0.95], [0.5, 0.6, 0.55, 0.4],
+                          lower_is_better=False) == "better"
+    # 2 against 2 seeds: non-overlapping by chance one time in 3 (2 / C(4, 2)): not resolved
+    assert report.range_rule_p(2, 2) == pytest.approx(1 / 3)
+    assert report.range_rule_p(4, 4) == pytest.approx(2 / 70)
+    assert report.range_rule_p(3, 5) == pytest.approx(2 / 56)
+    assert report.compare([1.0, 2.0], [3.0, 4.0]) == "within spread"
+    assert report.compare([1.0, 2.0, 1.5], [3.0, 4.0, 3.5]) == "within spread"  # 2/20
     assert report.compare([1.0], [3.0]) == "within spread"  # one seed: no spread to judge
-    assert report.compare([0.9, 0.8], [0.5, 0.6], lower_is_better=False) == "better"
     assert report.compare([], [1.0, 2.0]) == "-"
 
 
@@ -68,9 +76,11 @@ def test_few_step_claim_needs_the_gap_to_narrow():
 
 def test_latent_size_trend():
     results = {}
-    for dim, probe, fd in ((8, (0.50, 0.52), (10, 11)), (64, (0.60, 0.62), (20, 21)),
-                           (256, (0.70, 0.71), (30, 31))):
-        for seed in (0, 1):
+    # 4 seeds each: every seed of the largest |z| beats every seed of the smallest
+    for dim, probe, fd in ((8, (0.50, 0.52, 0.51, 0.53), (10, 11, 12, 13)),
+                           (64, (0.60, 0.62, 0.61, 0.63), (20, 21, 22, 23)),
+                           (256, (0.70, 0.71, 0.72, 0.73), (30, 31, 32, 33))):
+        for seed in range(4):
             results[f"z{dim}", seed] = _result(
                 f"z{dim}", seed, {100: fd[seed]}, latent_dim=dim,
                 probe_accuracy=probe[seed], probe_accuracy_at_init=0.3,
@@ -79,7 +89,8 @@ def test_latent_size_trend():
             results[f"z{dim}", seed]["prior"] = {"learned_bits_per_code": dim / 2}
     lines, verdict = report.claim_latent_size(results, [100], ("z8", "z64", "z256"))
     assert verdict == report.HOLDS, lines
-    assert report._trend([[0.5, 0.6], [0.4, 0.45]], increasing=True) == report.FAILS
+    assert report._trend([[0.5, 0.6, 0.55, 0.52], [0.4, 0.45, 0.42, 0.41]],
+                         increasing=True) == report.FAILS
 
 
 def test_grid_errors_before_any_training(tmp_path):

@@ -25,7 +25,8 @@ from conftest import COMPILE_CACHE, ROOT, TINY, subprocess_env
 LEARNS = ("--config.model.binary_estimator=threshold", "--config.training.learning_rate=2e-3",
           "--config.training.num_steps=800", "--config.training.log_every=400",
           "--config.training.checkpoint_every=800", "--config.eval.probe_train_examples=2000",
-          "--config.eval.probe_test_examples=1000")
+          "--config.eval.probe_test_examples=1000",
+          "--config.sampling.steps=()")  # no sample grids: only the probe is asserted
 
 
 @pytest.mark.slow  # an 800-step training run (about 2.5 minutes under CI's load)

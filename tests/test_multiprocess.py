@@ -98,19 +98,17 @@ def _saved_state(workdir, step):
             state=ocp.args.StandardRestore(abstract))).state
 
 
-@pytest.fixture(scope="module")
-def one_process_workdir(tmp_path_factory):
-    """A workdir of STEPS steps of one process on 1 device, default data, a checkpoint at
-    every step (kept). (1 device and 8 devices, data- and fsdp-sharded, on the same default
-    pipeline: tests/test_train.py's test_data_fsdp_and_mixed_meshes_match_one_device.)"""
+def _one_process_params(workdir, steps: int):
+    """The params after `steps` steps of one process on 1 device, default data. (1 device and
+    8 devices, data- and fsdp-sharded, on the same default pipeline: tests/test_train.py's
+    test_data_fsdp_and_mixed_meshes_match_one_device.)"""
     config = tiny_config()
-    config.training.update(num_steps=STEPS, checkpoint_every=1, keep_checkpoints=STEPS)
+    config.training.update(num_steps=steps, checkpoint_every=steps)
     config.eval.at_end = False
-    workdir = str(tmp_path_factory.mktemp("one_process"))
     run = train.Run(config, workdir, mesh=sharding.create_mesh(devices=jax.devices()[:1]))
-    train.train(run, run.initial_state())
+    state, _, _ = train.train(run, run.initial_state())
     run.close()
-    return workdir
+    return jax.device_get(state.params)
 
 
 def _wait_for(predicate, procs, log, timeout=240):
@@ -126,7 +124,7 @@ def _fail(log):
 
 
 def test_two_processes_lose_one_stop_together_resume_exactly_and_train_like_one(
-        one_process_workdir, cache, tmp_path):
+        cache, tmp_path):
     workdir = str(tmp_path / "work")
     steps = f"--config.training.num_steps={STEPS}"
 
@@ -168,9 +166,10 @@ def test_two_processes_lose_one_stop_together_resume_exactly_and_train_like_one(
 
     # ... with the parameters of one process on 1 device at that step (the all-reduces
     # differ: gloo over two processes, none on one device: float32 round-off)
-    got, want = _saved_state(workdir, stop), _saved_state(one_process_workdir, stop)
-    assert int(got.step) == int(want.step) == stop
-    for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
+    got = _saved_state(workdir, stop)
+    want = _one_process_params(str(tmp_path / "one_process"), stop)
+    assert int(got.step) == stop
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got.params)):
         # atol 1% of one Adam step (lr 1e-3): see test_train's mesh test (seen: 1 of 6,912
         # elements 1.75e-6 apart on another CPU)
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)

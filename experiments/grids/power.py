@@ -54,6 +54,19 @@ def get_grid():
                     "86% (CIFAR-10, |z|=16, T=100: 4.79 vs 34.32)"),
             },
         },
+        "appendix": {
+            "The device grid (not run: no session has had a GPU)": (
+                "`experiments/grids/device.py`, run by `experiments/device_run.py` on one H100 "
+                "(docs/device_grid.md: the command, with the wheels to carry), measures the "
+                "GPU rows of docs/benchmarks.md (train step, U-Net forward and K=10 sampling, "
+                "float32 and bfloat16, images/s per chip) in its first minute, then these "
+                "arms plus the |z| sweep at 1,000 steps of batch 128 with FD of 1,024 samples "
+                "at K = 10, 20, 100, paired seeds 0 and 1, writing docs/results_gpu.md as it "
+                "goes. Estimated device time: 415-460 s of the 480 s allowed (no GPU figure "
+                "of this code exists: FLOPs from XLA's counts, an assumed 3 TFLOP/s achieved; "
+                "the arithmetic is in the grid file's docstring). tests/test_device_grid.py "
+                "runs its tiny variant end to end on the CPU, a SIGTERM and a rerun included."),
+        },
         "order": (("dmz", "no_z", "gaussian", "authors"), ("time_embedding",)),
         "protocol": {
             "fd_steps": (10, 20),  # K: the few-step regime of claims 1 and 2
