@@ -118,9 +118,17 @@ def torch_layout(value):
         else value
 
 
-def test_unet2d_checkpoint_becomes_an_init_from_workdir_like_strict_false(weights, tmp_path):
-    config, out = hq_tiny(), str(tmp_path / "converted")
+@pytest.fixture(scope="module")
+def converted(weights, tmp_path_factory):
+    """The fixture's UNet2DModel converted (strict=False) into a new workdir: (config, the
+    workdir, the report, the train state a new run of config starts from)."""
+    config, out = hq_tiny(), str(tmp_path_factory.mktemp("converted") / "workdir")
     report = convert_to_workdir(config, weights, "unet", out, strict=False)
+    return config, out, report, new_run(config)
+
+
+def test_unet2d_checkpoint_becomes_an_init_from_workdir_like_strict_false(weights, converted):
+    config, out, report, start = converted
 
     # the report: what the authors' load_state_dict(strict=False) loads and leaves
     with open(os.path.join(out, REPORT)) as f:
@@ -139,7 +147,6 @@ def test_unet2d_checkpoint_becomes_an_init_from_workdir_like_strict_false(weight
     assert report["loaded_parameters"] > 0 and report["fresh_parameters"] > 0
 
     # what training.init_from reads: every path and shape checked, then params and EMA params
-    start = new_run(config)
     state_dir, (params, ema_params) = restore(out, shapes(start.params))
     assert checkpointing.config_diff(checkpointing.read_config(state_dir.parent), config) == []
     sd = fixture_state_dict()
@@ -253,7 +260,7 @@ def test_command_line_reads_config_overrides_and_refuses_with_exit_code_2(weight
 
 
 @pytest.mark.slow  # a training run's set-up (TensorFlow, an image folder, its own compile)
-def test_a_run_with_init_from_starts_from_the_converted_weights(weights, tmp_path):
+def test_a_run_with_init_from_starts_from_the_converted_weights(converted, tmp_path):
     import tensorflow as tf
     from dmz_jax import sharding, train
     images = tmp_path / "images"
@@ -262,13 +269,11 @@ def test_a_run_with_init_from_starts_from_the_converted_weights(weights, tmp_pat
     for i in range(10):
         (images / f"{i}.png").write_bytes(
             tf.io.encode_png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).numpy())
+    _, out, report, new = converted  # new: as a run from scratch starts
     config = hq_tiny()
     config.data.image_dir = str(images)
     config.eval.at_end = False
-    out = str(tmp_path / "converted")
-    report = convert_to_workdir(config, weights, "unet", out, strict=False)
     one_device = sharding.create_mesh(1, 1, jax.devices()[:1])
-    new = new_run(config)  # as a run from scratch starts (the converter's compiled init)
     config.training.init_from = out
     run = train.Run(config, str(tmp_path / "tuned"), mesh=one_device)
     start = jax.device_get(run.initial_state())
