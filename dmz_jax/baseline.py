@@ -55,10 +55,18 @@ def start_from(config, model: DMZ, state: TrainState, source: Optional[tuple],
     n = config.model.encoder.center_examples
     if model.uses_latent and n:
         images = data.load_split(config.data, "train", n)["image"]
-        params = jax.jit(functools.partial(center_encoder_logits, model),
-                         out_shardings=params_sharding)(state.params, images)
-        state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+        # the EMA parameters start as a copy, made in the same compiled function (copied
+        # leaf by leaf outside jit, every shape would compile its own copy)
+        params, ema_params = jax.jit(
+            lambda p, x: _with_copy(center_encoder_logits(model, p, x)),
+            out_shardings=(params_sharding, params_sharding))(state.params, images)
+        state = state.replace(params=params, ema_params=ema_params)
     return state
+
+
+def _with_copy(tree):
+    """(tree, a copy of it): under jit, two sets of buffers."""
+    return tree, jax.tree.map(jnp.copy, tree)
 
 
 def untrained(config, model: DMZ, mesh, init: Optional[Callable[[], TrainState]] = None

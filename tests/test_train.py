@@ -172,10 +172,10 @@ def test_data_fsdp_and_mixed_meshes_match_one_device():
     # straight-through estimator must deliver a non-zero gradient.
     assert metrics1[0]["encoder_grad_norm"] == 0.0
     assert metrics1[2]["encoder_grad_norm"] > 0.0
+    fresh = jax.jit(lambda: ts.create_train_state(  # jitted: eagerly, every op compiles
+        config, create_model(config), ts.make_optimizer(config.training)))()
     assert not np.allclose(state1.params["encoder"]["to_logits"]["kernel"],
-                           ts.create_train_state(config, create_model(config),
-                                                    ts.make_optimizer(config.training))
-                           .params["encoder"]["to_logits"]["kernel"])
+                           fresh.params["encoder"]["to_logits"]["kernel"])
 
 
 @pytest.mark.slow  # a tfds pipeline and a train-step compile per dataset
@@ -200,11 +200,12 @@ def test_one_train_step_on_mock_data(config_name, image_shape, tmp_path, monkeyp
 def test_centering_makes_every_bit_split_the_images_evenly():
     config = tiny_config()
     model = create_model(config)
-    params = init_params(model, jax.random.PRNGKey(0), (32, 32, 1))
+    params = jax.jit(lambda key: init_params(model, key, (32, 32, 1)))(jax.random.PRNGKey(0))
     images = data.load_split(config.data, "train", 64)["image"]
     encode = jax.jit(lambda p: model.apply({"params": p}, images, method=DMZ.encode))
     before = np.asarray(encode(params)).mean(0)
-    after = np.asarray(encode(ts.center_encoder_logits(model, params, images))).mean(0)
+    centred = jax.jit(lambda p: ts.center_encoder_logits(model, p, images))(params)
+    after = np.asarray(encode(centred)).mean(0)
     np.testing.assert_array_equal(after, np.full(8, 0.5))
     assert not np.array_equal(before, after)
 
@@ -218,7 +219,9 @@ def test_encoder_lr_scale_scales_only_the_encoder_update():
     for scale in (1.0, 0.25):
         config.training.encoder_lr_scale = scale
         tx = ts.make_optimizer(config.training)
-        updates[scale], _ = tx.update(grads, tx.init(params), params)
+        # jitted: eagerly, every leaf's shape would compile each optimizer op
+        updates[scale], _ = jax.jit(lambda g, p, tx=tx: tx.update(g, tx.init(p), p))(grads,
+                                                                                    params)
     enc1, enc = updates[1.0]["encoder"]["to_logits"]["bias"], updates[0.25]["encoder"]["to_logits"]["bias"]
     np.testing.assert_allclose(enc, 0.25 * enc1, rtol=1e-6)
     np.testing.assert_array_equal(updates[0.25]["denoiser"]["out_conv"]["bias"],

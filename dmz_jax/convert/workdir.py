@@ -157,7 +157,8 @@ def convert_to_workdir(config: ml_collections.ConfigDict, weights_path: str, kin
     state = _fresh_state(config, model, with_params=kind == "unet")
     params, fresh = _merge(state.get("params", abstract["params"]), converted["params"],
                            "params")
-    state.update(params=params, ema_params=jax.tree.map(jnp.copy, params))
+    # one compiled copy (leaf by leaf outside jit, every shape would compile its own)
+    state.update(params=params, ema_params=jax.jit(lambda t: jax.tree.map(jnp.copy, t))(params))
     if state.get("batch_stats"):  # the model's BatchNorm statistics (TrainState.batch_stats)
         state["batch_stats"], report["fresh_batch_stats"] = _merge(
             state["batch_stats"], converted.get("batch_stats", {}), "batch_stats")
