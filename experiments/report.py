@@ -592,6 +592,8 @@ def write_report(grid: dict, results: dict, path: str, command: str) -> None:
         out += [f"## Claim {n}", "", f"> {CLAIMS[n]}", ""] + lines + [
             "", f"**Verdict: {verdict}.**", ""]
     out += infodiffusion_section(results, grid)
+    for name in ("fd_vs_k", "latent_size", "training"):  # none left from an earlier grid
+        (assets / f"{name}.png").unlink(missing_ok=True)
     _plot_fd_vs_k(results, grid, assets / "fd_vs_k.png")
     _plot_latent_size(results, grid, assets / "latent_size.png")
     _plot_training(results, grid, assets / "training.png")

@@ -101,3 +101,28 @@ def test_report_renders_the_power_analysis_and_the_paired_rows(tmp_path):
     assert "| 1. Few-step generation | holds |" in text
     assert "| 2. Binary beats Gaussian | not resolved at this budget |" in text
     assert "| `dmz` | 16 | ? x 32 | 0.71 ± 0.01 | 0.61 ± 0.01 |" in text
+
+
+def test_a_seed_initialises_the_shared_modules_of_every_arm_alike():
+    """The pairing the report relies on: at one seed, every parameter `no_z`, `gaussian` and
+    `time_embedding` share with `dmz` (same path, same shape) starts equal."""
+    import jax
+    from flax import traverse_util
+    from conftest import tiny_config
+    from dmz_jax.model import create_model, image_shape, init_variables
+
+    def params(**overrides):
+        config = tiny_config()
+        config.update_from_flattened_dict(overrides)
+        rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # as create_train_state
+        init = jax.jit(lambda: init_variables(create_model(config), rng, image_shape(config)))
+        return traverse_util.flatten_dict(jax.device_get(init()["params"]), sep="/")
+
+    dmz = params()
+    for overrides in ({"model.latent_type": "none"}, {"model.latent_type": "gaussian"},
+                      {"model.conditioning": "time_embedding"}):
+        other = params(**overrides)
+        shared = [k for k in other if k in dmz and other[k].shape == dmz[k].shape]
+        assert len(shared) >= 0.9 * len(other), overrides  # nearly all of them are shared
+        for k in shared:
+            np.testing.assert_array_equal(other[k], dmz[k], err_msg=f"{overrides}: {k}")
