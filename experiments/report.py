@@ -8,8 +8,8 @@ Nothing here measures anything, so the same results always give the same report.
 Verdict rule: "A beats B" at one point (a K) is *resolved* when every seed of A beats every
 seed of B (the seed ranges do not overlap) with enough seeds that this is unlikely by chance
 (`range_rule_p` < 0.05: 4 a side), or when the paired t-test over the seeds both arms have
-(experiments/stats.py) gives p < 0.05; the direction is the sign of the mean. Otherwise the difference is within the spread and the claim is *not
-resolved at this budget*.
+(experiments/stats.py) gives p < 0.05; the direction is the sign of the mean. Otherwise the
+difference is within the spread and the claim is *not resolved at this budget*.
 """
 
 from __future__ import annotations
@@ -45,20 +45,6 @@ CLAIMS = {
 # --- numbers
 
 
-def seeds_values(results: dict, variant: str, get: Callable[[dict], Optional[float]]) -> list:
-    """The value `get` reads from each seed's result of `variant` (None values left out)."""
-    out = []
-    for (v, _), r in sorted(results.items(), key=lambda kv: kv[0][1]):
-        if v == variant:
-            try:
-                value = get(r)
-            except (KeyError, TypeError, IndexError):
-                value = None
-            if value is not None:
-                out.append(float(value))
-    return out
-
-
 def seed_map(results: dict, variant: str, get: Callable[[dict], Optional[float]]) -> dict:
     """{seed: the value `get` reads} of `variant`'s runs (None values left out)."""
     out = {}
@@ -71,6 +57,13 @@ def seed_map(results: dict, variant: str, get: Callable[[dict], Optional[float]]
             if value is not None:
                 out[seed] = float(value)
     return out
+
+
+def seeds_values(results: dict, variant: str, get: Callable[[dict], Optional[float]]) -> list:
+    """The value `get` reads from each seed's result of `variant`, in seed order (None values
+    left out)."""
+    values = seed_map(results, variant, get)
+    return [values[seed] for seed in sorted(values)]
 
 
 def _num(x: float, digits: int = 3) -> str:

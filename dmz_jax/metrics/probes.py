@@ -107,7 +107,6 @@ def cross_validated_probe(codes, targets, *, attributes: bool = False, folds: in
     return float(per_fold.mean()), float(per_fold.std()), scores
 
 
-
 def infodiffusion_probe(codes, labels, *, folds: int = 5, seed: int = 0) -> tuple[float, float]:
     """InfoDiffusion's latent-quality probe (Wang et al. 2023): k-fold logistic-regression accuracy.
 
