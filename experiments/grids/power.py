@@ -15,8 +15,8 @@ data order, the same initialisation of the modules the arms share, the same x_T 
 same z draws (the Gaussian arm's from the same keys); the report compares arms within a seed.
 
 Arms, in tiers (a stopped grid holds whole paired comparisons): dmz, no_z, gaussian (claims 1,
-2) and the authors' recipe at the same budget (claim 6 for both recipes, the InfoDiffusion
-probe); then z in the time embedding (claim 3). Claims 4 (|z| sweep) and 5 (curves, NLL) are not in this
+2: the power analysis asks for their seeds first); then the authors' recipe at the same budget
+(claim 6 for both recipes, the InfoDiffusion probe); then z in the time embedding (claim 3). Claims 4 (|z| sweep) and 5 (curves, NLL) are not in this
 grid: their cost per seed (a T = 1000 VLB per checkpoint, a learned prior) does not fit.
 """
 
@@ -67,7 +67,7 @@ def get_grid():
                 "the arithmetic is in the grid file's docstring). tests/test_device_grid.py "
                 "runs its tiny variant end to end on the CPU, a SIGTERM and a rerun included."),
         },
-        "order": (("dmz", "no_z", "gaussian", "authors"), ("time_embedding",)),
+        "order": (("dmz", "no_z", "gaussian"), ("authors",), ("time_embedding",)),
         "protocol": {
             "fd_steps": (10, 20),  # K: the few-step regime of claims 1 and 2
             "fd_num_samples": 1024,  # per FD, against the first 1,024 training images
