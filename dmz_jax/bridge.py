@@ -207,6 +207,7 @@ def bridge_path(workdir: str) -> epath.Path:
 def save_bridge(path, variables: dict, meta: dict) -> None:
     """Writes {'params', 'batch_stats'} and the JSON `meta` (which needs 'hidden', 'z_source',
     'z_target', 'best_epoch') as one orbax checkpoint at PATH (step = best epoch)."""
+    checkpointing.save_replicas_whole_on_cpu()
     with ocp.CheckpointManager(checkpointing.absolute(path),
                                item_names=("state", "meta")) as manager:
         manager.save(int(meta["best_epoch"]), args=ocp.args.Composite(

@@ -269,6 +269,7 @@ def save_prior(path: str, params: Any, model_kwargs: Optional[dict] = None) -> N
     num_bits = int(params["params"]["pos"].shape[1])
     kwargs = dict(model_kwargs or {}, num_bits=num_bits)
     make_model(num_bits, kwargs)  # validates the kwargs before anything is written
+    checkpointing.save_replicas_whole_on_cpu()
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / _PARAMS_DIR, params, force=True)
     checkpointer.wait_until_finished()

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.experimental import multihost_utils
 
+from conftest import saved_state
 from dmz_jax import checkpointing
 
 
@@ -253,3 +254,25 @@ def test_a_restore_that_failed_on_the_other_process_counts_here(workdir, tiny, m
     assert int(_restore(workdir, tiny)["step"]) == 1
     assert _corrupt_moved(workdir) == ["2"] and "move" in events
 
+
+
+def test_replicated_arrays_are_saved_whole_from_one_cpu_device(tmp_path, tiny, monkeypatch):
+    """orbax's replica-parallel saving slices a replicated array per device (an eager slice,
+    compiled per leaf shape and device); on CPU devices checkpointing turns it off. The saved
+    state restores equal."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.device_put({"step": jnp.int32(3), "w": jnp.arange(64 * 48.0).reshape(64, 48),
+                            "b": jnp.ones((40,))}, replicated)
+    assert len(state["w"].sharding.device_set) == len(jax.devices()) > 1
+    slices = []
+    real_slice = jax.lax.slice_in_dim
+    monkeypatch.setattr(jax.lax, "slice_in_dim",
+                        lambda x, *a, **k: slices.append(x.shape) or real_slice(x, *a, **k))
+    with checkpointing.create_manager(str(tmp_path), 1) as manager:
+        checkpointing.save(manager, 3, state, tiny)
+        manager.wait_until_finished()
+    assert slices == []
+    restored = saved_state(str(tmp_path), 3)
+    for key in state:
+        np.testing.assert_array_equal(restored[key], np.asarray(state[key]))

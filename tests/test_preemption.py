@@ -92,32 +92,16 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, compile_ca
 
 
 @pytest.mark.slow  # training subprocesses
-def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path, compile_cache):
-    """SIGTERM (preemption notice, SLURM's time limit): a checkpoint of the step reached,
-    exit 75. (SIGHUP takes the same path: the next test.)"""
-    sig = signal.SIGTERM
-    workdir, log = str(tmp_path / "work"), str(tmp_path / "log.txt")
-    proc = _start(workdir, 10_000, compile_cache, log,
-                  "--config.training.checkpoint_every=1000")
-    assert _wait_for(lambda: b" loss=" in open(log, "rb").read(), proc, 240), \
-        open(log).read()[-3000:]
-    proc.send_signal(sig)
-    assert proc.wait(timeout=120) == EXIT_PREEMPTED, open(log).read()[-3000:]
-    text = open(log).read()
-    assert f"Signal {int(sig)}: finishing this step, checkpointing and exiting" in text
-    steps = trained_steps(workdir)
-    assert len(steps) == 1 and 0 < steps[0] < 1000  # the current step, not a periodic one
-    assert f"Stopped at step {steps[0]} after a signal" in text
-
-
-@pytest.mark.slow  # training subprocesses
-def test_second_signal_exits_at_once_and_leaves_a_loadable_checkpoint(tmp_path,
-                                                                       compile_cache):
+def test_second_signal_exits_at_once_then_sigterm_checkpoints_the_resumed_step_and_exits_75(
+        tmp_path, compile_cache):
+    """SIGHUP (the ssh session a TPU VM's shutdown closes) and a second signal: exit at once,
+    leaving a loadable checkpoint. The rerun restores it, and SIGTERM (preemption notice,
+    SLURM's time limit) writes a checkpoint of the step reached and exits 75."""
     workdir, log, cache = str(tmp_path / "work"), str(tmp_path / "log.txt"), compile_cache
     proc = _start(workdir, 10, cache, log)
     assert _wait_for(lambda: len(trained_steps(workdir)) >= 2, proc, 240), \
         open(log).read()[-3000:]
-    proc.send_signal(signal.SIGHUP)  # as SIGTERM: the ssh session a TPU VM's shutdown closes
+    proc.send_signal(signal.SIGHUP)
     time.sleep(0.01)
     proc.send_signal(signal.SIGINT)  # long before the 2 steps the first one needs
     rc = proc.wait(timeout=120)
@@ -125,8 +109,17 @@ def test_second_signal_exits_at_once_and_leaves_a_loadable_checkpoint(tmp_path,
     text = open(log).read()
     assert "Signal 1: finishing this step, checkpointing and exiting" in text
     assert "Second signal 2: exiting now without a checkpoint" in text
-    resumed = str(tmp_path / "resumed.txt")  # the rerun's own log
-    assert _start(workdir, 10, cache, resumed).wait(timeout=300) == 0
+    before = max(trained_steps(workdir))
+
+    resumed = str(tmp_path / "resumed.txt")  # the rerun's own log; num_steps may change
+    proc = _start(workdir, 10_000, cache, resumed, "--config.training.checkpoint_every=1000")
+    assert _wait_for(lambda: b" loss=" in open(resumed, "rb").read(), proc, 240), \
+        open(resumed).read()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, open(resumed).read()[-3000:]
     text = open(resumed).read()
-    assert "Restored checkpoint at step" in text and "cannot be loaded" not in text
-    assert max(trained_steps(workdir)) == 10
+    assert f"Restored checkpoint at step {before}" in text and "cannot be loaded" not in text
+    assert f"Signal {int(signal.SIGTERM)}: finishing this step, checkpointing and exiting" in text
+    stopped = max(trained_steps(workdir))
+    assert before < stopped < 1000  # the current step, not a periodic one
+    assert f"Stopped at step {stopped} after a signal" in text
