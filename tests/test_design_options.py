@@ -80,6 +80,7 @@ def test_option_builds_trains_three_steps_and_samples(name):
         assert "z_tokens/mlp_in/kernel" in names
     if model.uses_latent:
         images = jnp.asarray(_batch(config, 1)["image"])
-        z = model.apply({"params": state.params}, images, method=DMZ.encode)
+        encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=DMZ.encode))
+        z = encode(state.params, images)  # jitted: eagerly, every op compiles on its own
         is_bits = set(np.unique(np.asarray(z)).tolist()) <= {0.0, 1.0}
         assert is_bits == (config.model.latent_type == "binary")

@@ -92,9 +92,10 @@ def test_dot_product_attention_matches_xla_in_self_and_cross_attention(setup):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 16))
     tokens = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 12))
     for block, args in ((layers.AttentionBlock, (x,)), (layers.CrossAttention, (x, tokens))):
-        variables = block(num_heads=2, num_groups=8).init(jax.random.PRNGKey(2), *args)
+        # jitted: eagerly, every op of a block compiles on its own
+        variables = jax.jit(block(num_heads=2, num_groups=8).init)(jax.random.PRNGKey(2), *args)
         variables = jax.tree.map(lambda v: v + 0.1, variables)  # non-zero output projection
-        out = {impl: block(2, 8, attention_impl=impl).apply(variables, *args)
+        out = {impl: jax.jit(block(2, 8, attention_impl=impl).apply)(variables, *args)
                for impl in layers.ATTENTION_IMPLS}
         assert not np.allclose(out["xla"], x)
         np.testing.assert_allclose(out["dot_product_attention"], out["xla"], rtol=1e-5, atol=1e-6)

@@ -50,8 +50,9 @@ def test_encode_decode_shapes_and_exact_bits(model):
     # one DDIM step (K = 1 keeps t = 0, and abar_prev = 1) from x_T = x is the clipped x0
     # prediction, by hand: x / sqrt(abar_0) - sqrt(1 / abar_0 - 1) eps(x, 0, z)
     abar = 1.0 - model.diff.betas64.value[0]
-    eps = model.model.apply({"params": model.params}, x, np.zeros(10, np.float32), z,
-                            method=DMZ.denoise)[..., :1]
+    denoise = jax.jit(lambda p, x, t, z: model.model.apply({"params": p}, x, t, z,
+                                                             method=DMZ.denoise))
+    eps = denoise(model.params, x, np.zeros(10, np.float32), z)[..., :1]  # one compile
     want = np.clip(x / np.sqrt(abar) - np.sqrt(1.0 / abar - 1.0) * np.asarray(eps), -1, 1)
     one_step = model.decode(z, x, steps=1, method="ddim", eta=0.0)
     np.testing.assert_allclose(one_step, want, atol=2e-5)
