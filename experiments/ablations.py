@@ -41,7 +41,8 @@ flags.DEFINE_bool("report_only", False, "Only render the report from what is sto
 
 PROTOCOL_KEYS = ("fd_steps", "fd_num_samples", "fd_features", "classifier_steps",
                  "nll_examples", "prior_steps", "curve_steps", "ddim_variants",
-                 "prior_variants", "curve_variants", "fd_repeats", "infodiffusion_probe")
+                 "prior_variants", "curve_variants", "sweep_variants", "fd_repeats",
+                 "infodiffusion_probe")
 
 
 class GridError(ValueError):
@@ -63,7 +64,7 @@ def load_grid(path: str) -> dict:
     if unknown:
         raise GridError(f"{path}: unknown protocol keys {sorted(unknown)}; known: "
                         f"{PROTOCOL_KEYS}")
-    for key in ("ddim_variants", "prior_variants", "curve_variants"):
+    for key in ("ddim_variants", "prior_variants", "curve_variants", "sweep_variants"):
         stray = set(grid["protocol"].get(key, ())) - set(grid["variants"])
         if stray:
             raise GridError(f"{path}: protocol.{key} names variants not in the grid: "
@@ -308,9 +309,14 @@ def hardware() -> str:
             f"cores, {platform.machine()}, jax {jax.__version__}")
 
 
+REPORT_ONLY_KEYS = ("sweep_variants",)  # protocol keys that choose what the report reads
+
+
 def protocol_of(grid: dict) -> dict:
-    """What makes two evaluations comparable: the protocol and the shared budget."""
-    return json.loads(json.dumps({"protocol": grid["protocol"], "common": grid["common"],
+    """What makes two evaluations comparable: the protocol (less what only the report reads)
+    and the shared budget."""
+    protocol = {k: v for k, v in grid["protocol"].items() if k not in REPORT_ONLY_KEYS}
+    return json.loads(json.dumps({"protocol": protocol, "common": grid["common"],
                                   "base": grid["base"]}, sort_keys=True))
 
 

@@ -101,6 +101,26 @@ def test_report_renders_the_power_analysis_and_the_paired_rows(tmp_path):
     assert "| 1. Few-step generation | holds |" in text
     assert "| 2. Binary beats Gaussian | not resolved at this budget |" in text
     assert "| `dmz` | 16 | ? x 32 | 0.71 ± 0.01 | 0.61 ± 0.01 |" in text
+    # claim 5 without a curve: the end of training is one checkpoint; better there is not
+    # "better along training"
+    assert "| 5. Faster convergence | not resolved at this budget |" in text
+    assert "| 600 | 1000 ± 100 | 1203 ± 75 |" in text
+
+    # the reverse: dmz worse at the end of training -> "lower FD along training" fails
+    swapped = {(v, s): _run(v, s, fd[{"dmz": "no_z", "no_z": "dmz"}.get(v, v)][s], 10.0)
+               for v in fd for s in range(3)}
+    report.write_report(grid, swapped, str(path), "cmd")
+    assert "| 5. Faster convergence | does not hold |" in path.read_text()
+
+
+def test_the_report_only_keys_leave_stored_runs_valid():
+    """protocol.sweep_variants chooses what claim 4 reads: adding it to a grid keeps the
+    stored runs (their protocol is compared with the grid's) instead of rerunning them."""
+    grid = {"protocol": {"fd_steps": (10,)}, "common": {"seed": 0}, "base": "b.py"}
+    with_sweep = dict(grid, protocol={"fd_steps": (10,), "sweep_variants": ("dmz", "z64")})
+    assert ablations.protocol_of(with_sweep) == ablations.protocol_of(grid)
+    other = dict(grid, protocol={"fd_steps": (10,), "ddim_variants": ("dmz",)})
+    assert ablations.protocol_of(other) != ablations.protocol_of(grid)
 
 
 def test_a_seed_initialises_the_shared_modules_of_every_arm_alike():
