@@ -14,12 +14,12 @@ import functools
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from dmz_jax import checkpointing, data, sharding, warm_start
 from dmz_jax.model import DMZ
-from dmz_jax.train_state import TrainState, center_encoder_logits, create_train_state
+from dmz_jax.train_state import (TrainState, center_encoder_logits, copy_tree,
+                                 create_train_state)
 
 
 def init_source(config, abstract_state: TrainState, state_sharding: TrainState
@@ -66,7 +66,7 @@ def start_from(config, model: DMZ, state: TrainState, source: Optional[tuple],
 
 def _with_copy(tree):
     """(tree, a copy of it): under jit, two sets of buffers."""
-    return tree, jax.tree.map(jnp.copy, tree)
+    return tree, copy_tree(tree)
 
 
 def untrained(config, model: DMZ, mesh, init: Optional[Callable[[], TrainState]] = None

@@ -109,13 +109,19 @@ def make_diffusion(config: ml_collections.ConfigDict) -> diffusion.Diffusion:
                                     rescale_timesteps=dc.rescale_timesteps)
 
 
+def copy_tree(tree):
+    """A copy of `tree` with buffers of its own (the EMA parameters start as one). Jit it
+    when copying a whole tree outside jit: leaf by leaf, every shape compiles its own copy."""
+    return jax.tree.map(jnp.copy, tree)
+
+
 def create_train_state(config, model: DMZ, tx: optax.GradientTransformation) -> TrainState:
     """Initialises parameters, EMA (a copy) and optimizer state from config.seed."""
     init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     initial = init_variables(model, init_rng, image_shape(config))
     params = initial["params"]
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, ema_params=jax.tree.map(jnp.copy, params),
+    return TrainState(step=zero, params=params, ema_params=copy_tree(params),
                       opt_state=tx.init(params), rng=run_rng, nonfinite_streak=zero,
                       skipped_steps=zero,
                       t_sampler=timestep_sampler.init(config.training.timestep_sampler,

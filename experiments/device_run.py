@@ -180,7 +180,6 @@ def fresh_state(arm: Arm, config):
     then the encoder's logits centred on the first model.encoder.center_examples training
     images (what dmz_jax.baseline.start_from does, with the numpy data)."""
     import jax
-    import jax.numpy as jnp
     from dmz_jax import train_state as ts
     from experiments import device_data
     init = functools.partial(ts.create_train_state, config, arm.model, arm.tx)
@@ -189,7 +188,7 @@ def fresh_state(arm: Arm, config):
     if arm.model.uses_latent and n:
         images = device_data.load_split(config.data, "train", n)["image"]
         params = arm.center(state.params, images)
-        state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+        state = state.replace(params=params, ema_params=jax.jit(ts.copy_tree)(params))
     return jax.device_put(state, arm.shardings)
 
 
@@ -325,14 +324,13 @@ def run_one(grid: dict, variant: str, seed: int, arm: Arm, data: dict, features:
             out: str, deadline: float) -> dict:
     """Trains and evaluates one run; returns its result (what the report reads)."""
     import jax
-    import jax.numpy as jnp
     from dmz_jax import inference
+    from dmz_jax import train_state as ts
     from experiments import ablations
     config = ablations.run_config(grid, variant, seed)
     p, curve, curve_s = grid["protocol"], [], [0.0]
     state = fresh_state(arm, config)
-    start = (jax.tree.map(jnp.copy, state.params),
-             None if state.batch_stats is None else jax.tree.map(jnp.copy, state.batch_stats))
+    start = jax.jit(ts.copy_tree)((state.params, state.batch_stats))
     k_curve = int(p.get("curve_steps", p["fd_steps"][0]))
 
     def at_checkpoint(step, state):  # claim 5's FD along training (EMA parameters)

@@ -38,7 +38,7 @@ from dmz_jax.convert import diffusers as dconv
 from dmz_jax.metrics.inception import file_sha256
 from dmz_jax.model import create_model, image_shape
 from dmz_jax.networks.conv_bn import ConvBNEncoder
-from dmz_jax.train_state import create_train_state, make_optimizer
+from dmz_jax.train_state import copy_tree, create_train_state, make_optimizer
 
 KINDS = ("unet", "diffdecoder")
 REPORT = "convert_report.json"
@@ -157,8 +157,7 @@ def convert_to_workdir(config: ml_collections.ConfigDict, weights_path: str, kin
     state = _fresh_state(config, model, with_params=kind == "unet")
     params, fresh = _merge(state.get("params", abstract["params"]), converted["params"],
                            "params")
-    # one compiled copy (leaf by leaf outside jit, every shape would compile its own)
-    state.update(params=params, ema_params=jax.jit(lambda t: jax.tree.map(jnp.copy, t))(params))
+    state.update(params=params, ema_params=jax.jit(copy_tree)(params))
     if state.get("batch_stats"):  # the model's BatchNorm statistics (TrainState.batch_stats)
         state["batch_stats"], report["fresh_batch_stats"] = _merge(
             state["batch_stats"], converted.get("batch_stats", {}), "batch_stats")
