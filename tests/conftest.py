@@ -2,16 +2,18 @@
 
 import os
 
-# 8 fake CPU devices for the meshes. Backend optimisation level 0 (LLVM's -O0): the tests'
-# tiny networks spend far more time compiling than running, and -O0 cut the in-process tests'
-# CPU time by a third (test_train, test_design_options, test_convert_workdir, test_sharding:
-# 795 s -> 523 s user, 2026-12-07); the computation is the same, only its machine code is
-# less optimised. Subprocesses (subprocess_env) keep -O0 but not the 8 devices; the 1,200-step
-# learning run asks for the default level, at which it runs faster (8.0 vs 5.0 steps/s on the
+# 8 fake CPU devices for the meshes, and XLA:CPU flags that compile faster: the tests' tiny
+# networks spend far more time compiling than running. Backend optimisation level 0 (LLVM's
+# -O0) cut the in-process tests' CPU time by a third (test_train, test_design_options,
+# test_convert_workdir, test_sharding: 795 s -> 523 s user, 2026-12-07); the fusion emitters
+# off (XLA:CPU's older elemental emitters for fusions) compiled the tiny train step in 11.7
+# instead of 15.5 CPU-s (3 runs each). The computation is the same, only its machine code
+# differs. Subprocesses (subprocess_env) keep these flags but not the 8 devices; the
+# learning run asks for XLA's defaults, at which it runs faster (8.0 vs 5.0 steps/s on the
 # tiny config). Timing lives in benchmarks/, never in tests.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8"
-                           + " --xla_backend_optimization_level=0")
+                           + " --xla_force_host_platform_device_count=8 " + FAST_COMPILE_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -57,13 +59,14 @@ def pytest_collection_modifyitems(items):
 def subprocess_env(cache_dir, optimized=False):
     """The environment of a `python -m dmz_jax.main` subprocess: one CPU device (a user's
     run, not the 8 fake ones), TensorFlow quiet, every compile in the shared cache_dir, and
-    XLA's backend at -O0 as here (optimized=True: the default level, for runs of many steps)."""
+    XLA's fast-compile flags as here (optimized=True: XLA's defaults, for runs of many
+    steps)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
                JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.pop("XLA_FLAGS", None)
     if not optimized:
-        env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+        env["XLA_FLAGS"] = FAST_COMPILE_FLAGS
     return env
 
 

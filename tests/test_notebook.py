@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import COMPILE_CACHE, ROOT
+from conftest import COMPILE_CACHE, FAST_COMPILE_FLAGS, ROOT
 
 NOTEBOOK = os.path.join(ROOT, "colab", "quickstart.ipynb")
 # The PNGs the notebook's `show` writes to WORKDIR/notebook/ in the tiny run (K = 2 and 5).
@@ -74,7 +74,7 @@ def test_notebook_runs_end_to_end(tmp_path):
                JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
                JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
-               XLA_FLAGS="--xla_backend_optimization_level=0")  # 4 steps: compiling dominates
+               XLA_FLAGS=FAST_COMPILE_FLAGS)  # 4 steps: compiling dominates
     result = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stdout[-3000:] + "\n" + result.stderr[-6000:]

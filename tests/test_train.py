@@ -148,25 +148,32 @@ def _steps_on_mesh(config, mesh, batches):
     return jax.device_get(state), metrics
 
 
-@pytest.mark.slow  # four train-step compiles (three 8-device meshes and 1 device)
+@pytest.mark.slow  # two train-step compiles (1 device; 8 devices as data=2 x fsdp=4)
 def test_data_fsdp_and_mixed_meshes_match_one_device():
+    """The mixed mesh covers both axes at once: the batch split 8 ways, the parameters and
+    optimizer state split 4 ways (fsdp) and replicated 2 ways (data). A pure data mesh (8, 1)
+    was a third compile here; test_multiprocess covers 2 processes."""
     assert jax.device_count() == 8
     config = tiny_config()
     it = data.train_iterator(config.data, batch_size=8, seed=0)
     batches = [next(it) for _ in range(3)]
     state1, metrics1 = _steps_on_mesh(config, sharding.create_mesh(devices=jax.devices()[:1]),
                                       batches)
-    for data_axis, fsdp in ((8, 1), (2, 4)):  # data parallel; data and fsdp mixed
-        mesh = sharding.create_mesh(data_axis, fsdp)
-        state8, metrics8 = _steps_on_mesh(config, mesh, batches)
-        for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
-            # atol: 1% of one Adam step (lr 1e-3): Adam divides by sqrt(v), so an element
-            # whose gradient is at round-off level moves by up to lr either way (seen: 1 of
-            # 9,216 elements 1.2e-6 apart on another CPU); a wrong shard moves many by ~lr
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-        for step in range(3):
-            np.testing.assert_allclose(metrics8[step]["loss"], metrics1[step]["loss"],
-                                       rtol=1e-5)
+    mesh = sharding.create_mesh(2, 4)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+    fresh = jax.eval_shape(lambda: ts.create_train_state(
+        config, create_model(config), ts.make_optimizer(config.training)))
+    assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(
+        sharding.state_shardings(fresh, mesh).params)), "no parameter is split over fsdp"
+    state8, metrics8 = _steps_on_mesh(config, mesh, batches)
+    for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
+        # atol: 1% of one Adam step (lr 1e-3): Adam divides by sqrt(v), so an element
+        # whose gradient is at round-off level moves by up to lr either way (seen: 1 of
+        # 9,216 elements 1.2e-6 apart on another CPU); a wrong shard moves many by ~lr
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for step in range(3):
+        np.testing.assert_allclose(metrics8[step]["loss"], metrics1[step]["loss"],
+                                   rtol=1e-5)
     # The zero-initialised output conv and cross-attention projections block the encoder's
     # gradient for two steps (each opens after one update); from step 3 on the
     # straight-through estimator must deliver a non-zero gradient.
