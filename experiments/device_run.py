@@ -42,6 +42,7 @@ then one `run` with carry [".whl"], timeout_s 560 and the command
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -85,8 +86,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+_HELD = {"depth": 0, "pending": None}  # _signals_held's state
+
+
 def _stop_on_signal(signum, frame):
+    if _HELD["depth"]:
+        _HELD["pending"] = signum  # raised when the held block ends
+        return
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGTERM/SIGINT wait for the end of the block (then stop as usual). Masking the signals
+    (pthread_sigmask) would not do: it holds them off the main thread only, and a signal
+    delivered to any other thread (XLA's, orbax's) still runs this handler in the main
+    thread at once."""
+    _HELD["depth"] += 1
+    try:
+        yield
+    finally:
+        _HELD["depth"] -= 1
+    if not _HELD["depth"] and _HELD["pending"] is not None:
+        signum, _HELD["pending"] = _HELD["pending"], None
+        raise KeyboardInterrupt(f"signal {signum}")
 
 
 # --- the grid
@@ -565,16 +588,12 @@ def run_and_store(grid: dict, variant: str, seed: int, arms: dict, mesh, data: d
         return None, time.time() - start, False
     seconds = time.time() - start
     result["fd_classifier_test_accuracy"] = features.test_accuracy
-    signals = {signal.SIGTERM, signal.SIGINT}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:  # stored, marked done and counted together: a signal now waits until all three are
+    with _signals_held():  # stored, marked done and counted together, or none of them
         write_json(os.path.join(out, "runs", f"{variant}-seed{seed}.json"), result)
         progress.run(variant, seed, status="done", seconds=round(seconds, 1),
                      train_s=round(result["train_seconds"], 1),
                      compile_s=None if arm.compile_s is None else round(arm.compile_s, 1))
         results[variant, seed] = result
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     say(f"done {variant}/seed{seed} in {seconds:.0f} s: FD {result['fd']['ancestral']}, "
         f"probe {result['probe_accuracy']}")
     return result, seconds + (arm.compile_s if compiled_before and arm.compile_s else 0.0), False
