@@ -263,6 +263,9 @@ def _trend(values_by_point: list[list], increasing: bool) -> str:
 def claim_latent_size(results, steps, variants):
     sweep = _sweep(results, variants)
     if len(sweep) < 2:
+        if len(set(variants)) >= 2:  # the sweep's arms are in the grid, not all evaluated
+            return [f"Fewer than two of {', '.join(f'`{v}`' for v in variants)} evaluated "
+                    "(yet)."], NOT_YET
         return ["Fewer than two |z| in this grid."], NOT_RUN
     k_lo, k_hi = steps[0], steps[-1]
     lines = ["| \\|z\\| | variant | probe accuracy | at init | distinct train codes | "

@@ -89,6 +89,10 @@ def test_latent_size_trend():
             results[f"z{dim}", seed]["prior"] = {"learned_bits_per_code": dim / 2}
     lines, verdict = report.claim_latent_size(results, [100], ("z8", "z64", "z256"))
     assert verdict == report.HOLDS, lines
+    # one |z| evaluated so far: not yet, when the grid holds the others; else not in the grid
+    only_z8 = {k: r for k, r in results.items() if k[0] == "z8"}
+    assert report.claim_latent_size(only_z8, [100], ("z8", "z64"))[1] == report.NOT_YET
+    assert report.claim_latent_size(only_z8, [100], ("z8",))[1] == report.NOT_RUN
     assert report._trend([[0.5, 0.6, 0.55, 0.52], [0.4, 0.45, 0.42, 0.41]],
                          increasing=True) == report.FAILS
 
