@@ -9,7 +9,11 @@ Verdict rule: "A beats B" at one point (a K) is *resolved* when every seed of A 
 seed of B (the seed ranges do not overlap) with enough seeds that this is unlikely by chance
 (`range_rule_p` < 0.05: 4 a side), or when the paired t-test over the seeds both arms have
 (experiments/stats.py) gives p < 0.05; the direction is the sign of the mean. Otherwise the
-difference is within the spread and the claim is *not resolved at this budget*.
+difference is within the spread and the claim is *not resolved at this budget*. For the
+claims the power analysis sized (grid["power"]["effects"]), the one-sided paired t-test of "A
+beats B by at least the paper's effect" (stats.effect_excluded) is reported beside it; an
+unresolved claim whose paper-sized effect that test excludes (p < 0.05) reads "does not hold at
+the paper's effect size".
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from experiments import stats
 
 HOLDS, FAILS, OPEN, NOT_RUN = ("holds", "does not hold", "not resolved at this budget",
                                "not run in this grid")
+SMALLER = "does not hold at the paper's effect size (its sign is not resolved at this budget)"
 NOT_YET = "not run yet (its arms are in the grid; the runner continues it)"
 CLAIMS = {
     1: "Few-step generation: DMZ (binary z ~ Bernoulli(0.5), cross-attention) has a lower FD "
@@ -399,27 +404,78 @@ def power_section(results, grid) -> list[str]:
                            "more seeds would." if max(ratios) < 0.25 else
                            "not the only noise: more samples per FD would also help.")]
     lines += ["", "| claim | pair (B - A) | pilot paired gap, mean ± SD | paper's effect | "
-              "delta here | seeds needed (power 0.8) |", "|---|---|---|---|---|---|"]
+              "delta here | seeds needed (power 0.8) | all seeds: paired gap | seeds needed "
+              "at that SD |", "|---|---|---|---|---|---|---|---|"]
     needed = []
     for claim, (a, b, share, source) in spec["effects"].items():
         test = stats.paired(seed_map(pilot, a, fd_of("ancestral", k)),
                             seed_map(pilot, b, fd_of("ancestral", k)))
-        if test is None:
-            lines.append(f"| {claim} | `{b}` - `{a}` | - | {source} | - | - |")
+        delta = pilot_delta(results, grid, claim)
+        if test is None or delta is None:
+            lines.append(f"| {claim} | `{b}` - `{a}` | - | {source} | - | - | - | - |")
             continue
-        delta = share * float(np.mean(seeds_values(pilot, b, fd_of("ancestral", k))))
         n = stats.seeds_needed(delta, test["sd"])
         needed.append(n)
+        everything = stats.paired(seed_map(results, a, fd_of("ancestral", k)),
+                                  seed_map(results, b, fd_of("ancestral", k)))
+        n_all = stats.seeds_needed(delta, everything["sd"])
         lines.append(f"| {claim} | `{b}` - `{a}` | {_num(test['mean'])} ± "
                      f"{_num(test['sd'], 2)} | {source} | {_num(delta)} | "
-                     f"{'> 1000' if n is None else n} |")
+                     f"{'> 1000' if n is None else n} | {_num(everything['mean'])} ± "
+                     f"{_num(everything['sd'], 2)} (n={everything['n']}) | "
+                     f"{'> 1000' if n_all is None else n_all} |")
     most = None if None in needed else max(needed, default=None)
     lines += ["", f"This grid runs {len(grid['seeds'])} seeds {tuple(grid['seeds'])} per arm; "
               "the pilot calls for "
               + ("-" if not needed else "more than 1000" if most is None else str(most))
               + " for the claims above (delta: the paper's relative effect times the pilot's "
-              "mean FD of arm B)."]
+              "mean FD of arm B). The last two columns check the pilot's SD against every "
+              "seed run so far."]
     return lines + ([spec["note"]] if spec.get("note") else []) + [""]
+
+
+def pilot_delta(results, grid, claim: int) -> Optional[float]:
+    """The paper's effect for `claim` in this grid's units: its relative gap times the mean
+    FD (first K) of arm B over the pilot seeds; None without a pilot run of B."""
+    a, b, share, _ = grid["power"]["effects"][claim]
+    pilot = {key: r for key, r in results.items() if key[1] in grid["power"]["pilot_seeds"]}
+    values = seeds_values(pilot, b, fd_of("ancestral", grid["protocol"]["fd_steps"][0]))
+    return share * float(np.mean(values)) if values else None
+
+
+def paper_effect(results, grid, claim: int) -> tuple[list[str], Optional[bool]]:
+    """For a claim the power analysis sized: the one-sided paired t-test of "A beats B by at
+    least delta" at the first K (stats.effect_excluded). Returns (lines, whether the paper-
+    sized effect is excluded); ([], None) when the grid has no such test for `claim`."""
+    effects = (grid.get("power") or {}).get("effects", {})
+    if claim not in effects:
+        return [], None
+    a, b, _, source = effects[claim]
+    k = grid["protocol"]["fd_steps"][0]
+    delta = pilot_delta(results, grid, claim)
+    test = None if delta is None else stats.effect_excluded(
+        seed_map(results, a, fd_of("ancestral", k)), seed_map(results, b, fd_of("ancestral", k)),
+        delta)
+    if test is None:
+        return [], None
+    excluded = test["p"] < stats.ALPHA
+    return [f"Against the paper's effect, {source}: delta = {_num(delta)} at K={k} (the power "
+            f"analysis's); one-sided paired t-test of `{b}` - `{a}` >= {_num(delta)}, "
+            f"t = {test['t']:.3g}, p = {test['p']:.2g} (n={test['n']}); one-sided 95% upper "
+            f"bound of the gap {_num(test['upper95'])}: the paper-sized effect is "
+            + ("**excluded**." if excluded else "**not excluded**.")], excluded
+
+
+def with_paper_effect(verdict: str, excluded: Optional[bool]) -> str:
+    """An unresolved verdict becomes SMALLER when the paper-sized effect is excluded; a
+    verdict that holds says its gap is smaller than the paper's."""
+    if not excluded:
+        return verdict
+    if verdict == OPEN:
+        return SMALLER
+    if verdict == HOLDS:
+        return f"{HOLDS}, by less than the paper's effect"
+    return verdict
 
 
 def infodiffusion_section(results, grid) -> list[str]:
@@ -596,8 +652,12 @@ def write_report(grid: dict, results: dict, path: str, command: str) -> None:
            "2 / C(n_A + n_B, n_A) < 0.05: 4 seeds a side; 2 a side would give 1/3) or when the "
            "two-sided paired t-test over the seeds both have gives p < 0.05 (a seed gives "
            "every arm the same data order, initialisation of shared modules, x_T noise and "
-           "z draws); otherwise it is *not resolved at this budget*. Values are mean ± "
-           "sample standard deviation over seeds; paired gaps are B - A within a seed.", ""]
+           "z draws); otherwise it is *not resolved at this budget*. For the claims the power "
+           "analysis sized, the one-sided paired t-test of \"A beats B by at least the "
+           "paper's effect\" is given beside it: an unresolved claim whose paper-sized effect "
+           "it excludes (p < 0.05) *does not hold at the paper's effect size*. Values are "
+           "mean ± sample standard deviation over seeds; paired gaps are B - A within a "
+           "seed.", ""]
     out += power_section(results, grid)
     sections = [
         (1, *claim_few_steps(results, steps)),
@@ -607,6 +667,10 @@ def write_report(grid: dict, results: dict, path: str, command: str) -> None:
         (5, *claim_convergence(results, int(p.get("curve_steps", steps[0])))),
         (6, *claim_ddim(results, steps, grid["protocol"].get("ddim_variants", ("dmz",)))),
     ]
+    for i, (n, lines, verdict) in enumerate(sections):
+        extra, excluded = paper_effect(results, grid, n)
+        sections[i] = (n, lines + ([""] + extra if extra else []),
+                       with_paper_effect(verdict, excluded))
     arms = {1: ("dmz", "no_z"), 2: ("dmz", "gaussian"), 3: ("dmz", "time_embedding")}
     sections = [(n, lines, NOT_YET if verdict == NOT_RUN and set(arms.get(n, ("?",)))
                  <= set(grid["variants"]) else verdict) for n, lines, verdict in sections]

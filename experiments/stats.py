@@ -5,7 +5,9 @@ Every function takes measured values and returns numbers; nothing here reads or 
 Paired comparison: seed s trains every arm on the same data order from the same initialisation
 of the shared modules and samples them from the same noise, so arm B's FD minus arm A's within
 a seed removes what the seeds share. The test is the two-sided paired t-test on those
-differences (scipy.stats.ttest_rel), at alpha = 0.05.
+differences (scipy.stats.ttest_rel), at alpha = 0.05. Against a claimed effect size delta, the
+one-sided paired t-test of "the mean difference is at least delta" (`effect_excluded`): a small
+p says the data exclude an effect that large, whatever its sign.
 
 Power: the number of seeds n at which a two-sided paired t-test at level alpha detects a true
 mean difference delta with probability `power`, when the differences have standard deviation
@@ -40,6 +42,25 @@ def paired(a: dict, b: dict) -> Optional[dict]:
     half = float(stats.t.ppf(1 - ALPHA / 2, n - 1)) * sd / math.sqrt(n)
     return {"n": n, "mean": mean, "sd": sd, "t": t, "p": p,
             "ci95": (mean - half, mean + half), "seeds": seeds}
+
+
+def effect_excluded(a: dict, b: dict, delta: float) -> Optional[dict]:
+    """The one-sided paired t-test of H0: mean(b - a) >= delta against mean(b - a) < delta,
+    over the seeds both have: n, t = (mean - delta) / (sd / sqrt(n)), p = P(T_{n-1} <= t), and
+    the one-sided 95% upper bound of the mean difference (below delta exactly when p < 0.05);
+    None for fewer than 2 shared seeds."""
+    from scipy import stats
+    test = paired(a, b)
+    if test is None:
+        return None
+    n, mean, sd = test["n"], test["mean"], test["sd"]
+    if sd == 0.0:
+        t, p = (-math.inf, 0.0) if mean < delta else (math.inf if mean > delta else 0.0, 1.0)
+    else:
+        t = (mean - delta) / (sd / math.sqrt(n))
+        p = float(stats.t.cdf(t, n - 1))
+    upper = mean + float(stats.t.ppf(1 - ALPHA, n - 1)) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "delta": delta, "t": t, "p": p, "upper95": upper}
 
 
 def power_of(n: int, delta: float, sd: float, alpha: float = ALPHA) -> float:

@@ -21,6 +21,22 @@ def test_paired_t_test_matches_the_closed_form_for_two_degrees_of_freedom():
     assert out["ci95"] == pytest.approx((7 / 6 - half, 7 / 6 + half))
 
 
+def test_effect_excluded_is_the_one_sided_paired_t_test_against_delta():
+    # differences (1, 2, 0.5) against delta = 2: t = (7/6 - 2) / (sqrt(7/12) / sqrt(3)); with
+    # df = 2 the t CDF is 1/2 + t / (2 sqrt(t^2 + 2)) exactly
+    a, b = {0: 1.0, 1: 2.0, 2: 3.0}, {0: 2.0, 1: 4.0, 2: 3.5}
+    out = stats.effect_excluded(a, b, 2.0)
+    t = (7 / 6 - 2) / (math.sqrt(7 / 12) / math.sqrt(3))
+    assert out["t"] == pytest.approx(t) and out["n"] == 3
+    assert out["p"] == pytest.approx(0.5 + t / (2 * math.sqrt(t * t + 2)))
+    upper = 7 / 6 + 2.919985580355516 * math.sqrt(7 / 12) / math.sqrt(3)  # t_{0.95, 2}
+    assert out["upper95"] == pytest.approx(upper)
+    assert (out["p"] < 0.05) == (upper < 2.0)
+    # a delta the differences reach is not excluded: p above 1/2
+    assert stats.effect_excluded(a, b, 1.0)["p"] > 0.5
+    assert stats.effect_excluded({0: 0.0}, {0: 1.0}, 1.0) is None
+
+
 def test_paired_uses_only_the_seeds_both_arms_have():
     out = stats.paired({0: 0.0, 1: 0.0, 5: 100.0}, {0: 1.0, 1: 3.0, 7: -50.0})
     assert out["seeds"] == [0, 1] and out["mean"] == pytest.approx(2.0)
@@ -98,8 +114,13 @@ def test_report_renders_the_power_analysis_and_the_paired_rows(tmp_path):
     # all three seeds: gaps 200, 180, 230 at both K, overlapping ranges, paired p < 0.05
     test = stats.paired({s: fd["dmz"][s] for s in range(3)}, {s: fd["no_z"][s] for s in range(3)})
     assert test["p"] < 0.05 and f"{test['p']:.2g} (n=3)" in text
-    assert "| 1. Few-step generation | holds |" in text
-    assert "| 2. Binary beats Gaussian | not resolved at this budget |" in text
+    # the paper's effects: claim 1's gaps (mean 203) exclude delta 310, claim 2's (-3.3 ± 21)
+    # exclude 0.5 x 1055 = 528: claim 1 holds by less, claim 2's sign is not resolved
+    one_sided = stats.effect_excluded({s: fd["dmz"][s] for s in range(3)},
+                                      {s: fd["no_z"][s] for s in range(3)}, 310.0)
+    assert one_sided["p"] < 0.05 and f"p = {one_sided['p']:.2g} (n=3)" in text
+    assert "| 1. Few-step generation | holds, by less than the paper's effect |" in text
+    assert f"| 2. Binary beats Gaussian | {report.SMALLER} |" in text
     assert "| `dmz` | 16 | ? x 32 | 0.71 ± 0.01 | 0.61 ± 0.01 |" in text
     # claim 5 without a curve: the end of training is one checkpoint; better there is not
     # "better along training"
