@@ -431,7 +431,7 @@ def power_section(results, grid) -> list[str]:
               + " for the claims above (delta: the paper's relative effect times the pilot's "
               "mean FD of arm B). The last two columns check the pilot's SD against every "
               "seed run so far."]
-    return lines + ([spec["note"]] if spec.get("note") else []) + [""]
+    return lines + (["", spec["note"]] if spec.get("note") else []) + [""]
 
 
 def pilot_delta(results, grid, claim: int) -> Optional[float]:
