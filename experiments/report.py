@@ -437,7 +437,7 @@ def power_section(results, grid) -> list[str]:
 def pilot_delta(results, grid, claim: int) -> Optional[float]:
     """The paper's effect for `claim` in this grid's units: its relative gap times the mean
     FD (first K) of arm B over the pilot seeds; None without a pilot run of B."""
-    a, b, share, _ = grid["power"]["effects"][claim]
+    _, b, share, _ = grid["power"]["effects"][claim]
     pilot = {key: r for key, r in results.items() if key[1] in grid["power"]["pilot_seeds"]}
     values = seeds_values(pilot, b, fd_of("ancestral", grid["protocol"]["fd_steps"][0]))
     return share * float(np.mean(values)) if values else None
